@@ -1,0 +1,143 @@
+"""Run one bh_models step function for a Snakemake job.
+
+Every rule is a declaration whose ``script:`` is ``workflow/scripts/step.py``,
+two lines that call :func:`run_snakemake_job`. The rule's ``params.step`` names
+the function (``"bh_models.anat:preprocess_anat"``); its named inputs, named
+outputs and other params become the function's keyword arguments. This one
+place then does what every job needs and no step should repeat:
+
+- logging to the rule's ``log:`` file;
+- thread limits for numpy/torch/ITK from the rule's ``threads``;
+- on success, a provenance record (inputs and outputs with sha256, params,
+  config hash, versions, host, SLURM job id, times, seed);
+- on bad input (:class:`~bh_models.errors.BHInputError`), an exclusion record
+  naming the subject, file and reason, then the job fails for that subject only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bh_models.errors import BHInputError
+
+log = logging.getLogger("bh_models")
+
+
+def resolve(spec: str) -> Callable[..., Any]:
+    """``"package.module:function"`` -> the function."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def limit_threads(threads: int) -> None:
+    """Keep numerical libraries to the cores the scheduler gave this job."""
+    value = str(max(1, int(threads)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = value
+    try:
+        import torch
+
+        torch.set_num_threads(int(value))
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _named(items: Any) -> dict[str, Any]:
+    """Named entries of a Snakemake Namedlist as plain str / list[str]."""
+    out: dict[str, Any] = {}
+    for name, value in items.items():
+        out[name] = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def _as_lists(named: Mapping[str, Any]) -> dict[str, list[str]]:
+    return {k: (v if isinstance(v, list) else [v]) for k, v in named.items()}
+
+
+def _coerce_paths(named: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: ([Path(x) for x in v] if isinstance(v, list) else Path(v)) for k, v in named.items()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_job(
+    *,
+    step: str,
+    rule: str,
+    inputs: Mapping[str, Any],
+    outputs: Mapping[str, Any],
+    params: Mapping[str, Any],
+    wildcards: Mapping[str, str],
+    config: Mapping[str, Any],
+    threads: int = 1,
+    log_file: str | None = None,
+) -> Any:
+    """Call the step function and record provenance or an exclusion.
+
+    Parameters
+    ----------
+    step
+        ``"module:function"`` of the step function.
+    inputs, outputs
+        Named paths (str or list of str); passed as :class:`~pathlib.Path`.
+    params
+        Other keyword arguments of the step function (JSON-able).
+    """
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limit_threads(threads)
+    results_dir = Path(config.get("results_dir", "results"))
+    started = _now()
+    t0 = time.perf_counter()
+    log.info("rule %s %s: %s", rule, dict(wildcards), step)
+    try:
+        func = resolve(step)
+        result = func(**_coerce_paths(inputs), **_coerce_paths(outputs), **params, threads=threads)
+    except BHInputError as exc:
+        log.error("bad input, subject excluded from this step: %s", exc)
+        from bh_models.exclusions import write_exclusion
+
+        write_exclusion(results_dir=results_dir, dataset=wildcards.get("dataset", ""),
+                        subject=wildcards.get("subject", ""), rule=rule, reason=str(exc), file=exc.path)
+        raise
+    except Exception:
+        log.error("step %s failed:\n%s", step, traceback.format_exc())
+        raise
+    log.info("done in %.1f s", time.perf_counter() - t0)
+    from bh_models.provenance import record_job
+
+    record_job(
+        results_dir=results_dir, rule=rule, wildcards=dict(wildcards),
+        inputs=_as_lists(inputs), outputs=_as_lists(outputs), params=dict(params),
+        config=dict(config), seed=params.get("seed", config.get("seed")),
+        started=started, finished=_now(), log=log_file,
+        bids_roots={name: entry["bids_root"] for name, entry in config.get("datasets", {}).items()},
+    )
+    return result
+
+
+def run_snakemake_job(smk: Any) -> Any:
+    """Entry point for ``script:`` directives (``smk`` is Snakemake's object)."""
+    params = dict(smk.params.items())
+    step = params.pop("step")
+    return run_job(
+        step=step, rule=smk.rule, inputs=_named(smk.input), outputs=_named(smk.output),
+        params=params, wildcards=dict(smk.wildcards.items()), config=smk.config,
+        threads=smk.threads, log_file=str(smk.log[0]) if len(smk.log) else None,
+    )

@@ -1,0 +1,50 @@
+"""Shared fixtures: small BIDS layouts built on the fly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_bids(root: Path, subjects: dict[str, dict], *, top_tr: float | None = 2.0) -> Path:
+    """Write a zero-byte BIDS layout.
+
+    ``subjects`` maps a label to options: ``t1w`` (bool), ``runs`` (list of
+    BOLD entity strings like "task-rest_run-1"), ``run_tr`` (sidecar TR or None).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    if top_tr is not None:
+        (root / "task-rest_bold.json").write_text(json.dumps({"RepetitionTime": top_tr}))
+    lines = ["participant_id\tdiagnosis\tscore"]
+    for i, (label, opts) in enumerate(subjects.items()):
+        sub = root / f"sub-{label}"
+        if opts.get("t1w", True):
+            (sub / "anat").mkdir(parents=True, exist_ok=True)
+            (sub / "anat" / f"sub-{label}_T1w.nii.gz").touch()
+        for ents in opts.get("runs", ["task-rest"]):
+            (sub / "func").mkdir(parents=True, exist_ok=True)
+            (sub / "func" / f"sub-{label}_{ents}_bold.nii.gz").touch()
+            if opts.get("run_tr") is not None:
+                (sub / "func" / f"sub-{label}_{ents}_bold.json").write_text(
+                    json.dumps({"RepetitionTime": opts["run_tr"]}))
+        lines.append(f"sub-{label}\t{'patient' if i % 2 else 'control'}\t{i * 1.5}")
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def bids_factory(tmp_path):
+    def make(name: str = "ds", subjects: dict | None = None, **kwargs) -> Path:
+        subjects = subjects if subjects is not None else {"01": {}, "02": {}}
+        return write_bids(tmp_path / name, subjects, **kwargs)
+
+    return make
