@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import pandas as pd
 
 from bh_models.hashing import HashCache, hash_cache_dir
 from bh_models.jsonio import atomic_write_text
-from bh_models.provenance import iter_records, resolve_recorded_path, workdir_of
+from bh_models.provenance import iter_records, recorded_path_resolver, workdir_of
 
 #: Statuses, from worst to best; also the order of the summary table.
 STATUSES = ("missing", "modified", "stale", "orphan", "ok")
@@ -61,6 +62,7 @@ class _Job:
     outputs: list[tuple[str, str, str | None]]
     finished: str
     problem: str | None = None  # why its outputs are stale; None when the chain is intact
+    cause: str | None = None  # the first change up the chain (a raw input, a modified file)
     checked: bool = False
 
 
@@ -76,17 +78,22 @@ def _abs(path: str | os.PathLike) -> str:
 
 def _load_chain(results_dir: Path, bids_roots: Mapping[str, Path] | None) -> _Chain:
     chain = _Chain()
+    resolvers: dict[str, Callable[[str], str]] = {}  # records of one run share their context
     for _, record in iter_records(results_dir=results_dir):
-        workdir = workdir_of(results_dir=results_dir, record=record)
         roots = dict(bids_roots) if bids_roots is not None else record.get("bids_roots", {})
+        context = json.dumps([record.get("results_dir"), sorted((k, str(v)) for k, v in roots.items())])
+        resolve = resolvers.get(context)
+        if resolve is None:
+            workdir = workdir_of(results_dir=results_dir, record=record)
+            resolve = resolvers[context] = recorded_path_resolver(workdir=workdir, bids_roots=roots)
 
         def entries(kind: str) -> list[tuple[str, str, str | None]]:
             out = []
             for files in record.get(kind, {}).values():
                 for entry in files:
                     try:
-                        path = _abs(resolve_recorded_path(recorded=entry["path"], workdir=workdir, bids_roots=roots))
-                    except KeyError:  # BIDS URI of a dataset no longer configured
+                        path = resolve(entry["path"])
+                    except KeyError:  # BIDS URI of a dataset no longer configured: reads as missing
                         path = entry["path"]
                     out.append((path, entry["path"], entry.get("sha256")))
             return out
@@ -125,23 +132,23 @@ def _job_problem(job: _Job, chain: _Chain, current: Mapping[str, str | None]) ->
     for path, shown, recorded in job.inputs:
         now = current.get(path)
         if now is None:
-            job.problem = f"input missing: {shown}"
+            job.problem = job.cause = f"input missing: {shown}"
         elif now != recorded:
-            job.problem = f"input changed: {shown}"
+            job.problem = job.cause = f"input changed: {shown}"
         elif path in chain.producer:
             upstream, upstream_recorded = chain.producer[path]
             if upstream_recorded != now:
-                job.problem = f"input {shown} is not the version its own record lists"
-            else:
-                why = _job_problem(upstream, chain, current)
-                if why:
-                    job.problem = f"upstream {shown} is stale ({why})"
+                job.problem = job.cause = f"input {shown} differs from its own provenance record"
+            elif _job_problem(upstream, chain, current):
+                job.cause = upstream.cause
+                job.problem = f"upstream {shown} is stale; cause: {job.cause}"
         if job.problem:
             break
     return job.problem
 
 
-def _walk_covered(results_dir: str, skip_dirs: set[str], skip_files: set[str]) -> list[str]:
+def _walk_covered(results_dir: str, *, recorded: Collection[str], skip: Collection[str]) -> list[str]:
+    """Files under the results dir that need a record, minus the ``recorded`` ones."""
     found = []
     for dirpath, dirnames, filenames in os.walk(results_dir):
         top = dirpath == results_dir
@@ -150,19 +157,18 @@ def _walk_covered(results_dir: str, skip_dirs: set[str], skip_files: set[str]) -
             for d in dirnames
             if not d.startswith(".")
             and not (top and d in IGNORED_TOP_LEVEL)
-            and os.path.join(dirpath, d) not in skip_dirs  # folder outputs are recorded as a whole
+            and os.path.join(dirpath, d) not in recorded  # a folder output is recorded as a whole
         )
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if not name.startswith(".") and path not in skip_files:
+            if not name.startswith(".") and path not in recorded and path not in skip:
                 found.append(path)
     return found
 
 
 def _display(path: str, results_dir: str) -> str:
-    if path == results_dir or path.startswith(results_dir + os.sep):
-        return Path(os.path.relpath(path, results_dir)).as_posix()
-    return path
+    prefix = results_dir.rstrip(os.sep) + os.sep
+    return path[len(prefix) :].replace(os.sep, "/") if path.startswith(prefix) else path
 
 
 def audit(
@@ -187,7 +193,9 @@ def audit(
         Read every file again instead of trusting hash-cache entries whose stat
         stamp is unchanged.
     threads : int, optional
-        Hashing threads; default ``min(8, cpu count)``.
+        Hashing threads. Default: 1 when the cache is trusted (cache hits are
+        Python-bound, extra threads only contend for the GIL), ``min(4, cpu
+        count)`` with ``rehash`` (reads release the GIL).
     bids_roots : mapping, optional
         Raw dataset name -> BIDS root, overriding the roots stored in the
         records (for raw data that moved since the run).
@@ -206,10 +214,9 @@ def audit(
     for job in chain.jobs:
         to_hash.update(path for path, _, _ in job.inputs)
     cache = HashCache(cache_dir=hash_cache_dir(results_dir=Path(root)), rehash=rehash)
-    hashed = cache.sha256_many(
-        paths=sorted(to_hash), threads=threads or min(8, os.cpu_count() or 1), progress=progress
-    )
-    current = {str(path): digest for path, digest in hashed.items()}
+    if threads is None:
+        threads = min(4, os.cpu_count() or 1) if rehash else 1
+    current = cache.sha256_many(paths=sorted(to_hash), threads=threads, progress=progress)
 
     rows: list[dict[str, Any]] = []
     for path in sorted(chain.producer):
@@ -226,9 +233,8 @@ def audit(
                 "current_sha256": current.get(path) or "",
             }
         )
-    recorded_dirs = {path for path in chain.producer if os.path.isdir(path)}
     own_reports = {_abs(p) for p in (out_tsv, out_html) if p is not None}
-    for path in _walk_covered(root, recorded_dirs, set(chain.producer) | own_reports):
+    for path in _walk_covered(root, recorded=chain.producer.keys(), skip=own_reports):
         rows.append(
             {
                 "path": _display(path, root),
@@ -386,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-tsv", type=Path, help="audit table (default RESULTS_DIR/logs/audit/audit.tsv)")
     parser.add_argument("--out-html", type=Path, help="audit page (default RESULTS_DIR/logs/audit/audit.html)")
     parser.add_argument("--rehash", action="store_true", help="read every file again, ignoring the hash cache")
-    parser.add_argument("--threads", type=int, default=None, help="hashing threads (default min(8, cores))")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="hashing threads (default 1, or min(4, cores) with --rehash)"
+    )
     parser.add_argument(
         "--bids-root",
         type=_parse_root,

@@ -38,7 +38,6 @@ from bh_models.provenance import code_version, package_versions
 #: ``bh_models.nn`` also pulls in every submodule of the package (``bh_models.nn.*``);
 #: any other ``bh_models`` module with a ``__desc__`` lands in "Other steps".
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Data", ("bh_models.bids", "bh_models.cohort")),
     (
         "Anatomical data preprocessing",
         ("bh_models.templates", "bh_models.anat", "bh_models.skullstrip", "bh_models.registration"),
@@ -53,7 +52,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Evaluation", ("bh_models.targets", "bh_models.evaluate")),
 )
 
-#: Listed in SECTIONS because the pipeline has them; the boilerplate warns while one is absent.
+#: The pipeline's processing modules; :func:`collect_descriptions` lists those not importable yet.
 REQUIRED_MODULES = (
     "bh_models.templates",
     "bh_models.anat",
@@ -92,26 +91,148 @@ class Citation:
 
 
 CITATIONS: tuple[Citation, ...] = (
-    Citation("Abraham", "2014", "Abraham A, Pedregosa F, Eickenberg M, Gervais P, Mueller A, Kossaifi J, Gramfort A, Thirion B, Varoquaux G. Machine learning for neuroimaging with scikit-learn. Front Neuroinform. 2014;8:14. doi:10.3389/fninf.2014.00014"),
-    Citation("Assran", "2023", "Assran M, Duval Q, Misra I, Bojanowski P, Vincent P, Rabbat M, LeCun Y, Ballas N. Self-supervised learning from images with a joint-embedding predictive architecture. CVPR 2023. arXiv:2301.08243"),
-    Citation("Avants", "2008", "Avants BB, Epstein CL, Grossman M, Gee JC. Symmetric diffeomorphic image registration with cross-correlation: evaluating automated labeling of elderly and neurodegenerative brain. Med Image Anal. 2008;12(1):26-41. doi:10.1016/j.media.2007.06.004"),
-    Citation("Beyer", "2023", "Beyer L, Izmailov P, Kolesnikov A, Caron M, Kornblith S, Zhai X, Minderer M, Tschannen M, Alabdulmohsin I, Pavetic F. FlexiViT: one model for all patch sizes. CVPR 2023. arXiv:2212.08013"),
-    Citation("Dong", "2025", "Dong Z, et al. Brain Harmony: a multimodal foundation model unifying morphology and function into 1D tokens. Advances in Neural Information Processing Systems (NeurIPS) 2025. arXiv:2509.24693"),
-    Citation("Dosovitskiy", "2021", "Dosovitskiy A, Beyer L, Kolesnikov A, Weissenborn D, Zhai X, Unterthiner T, Dehghani M, Minderer M, Heigold G, Gelly S, Uszkoreit J, Houlsby N. An image is worth 16x16 words: transformers for image recognition at scale. ICLR 2021. arXiv:2010.11929"),
-    Citation("Fisch", "2024", "Fisch L, Zumdick S, Barkhau C, Emden D, Ernsting J, Leenings R, Sarink K, Winter NR, Risse B, Dannlowski U, Hahn T. deepbet: fast brain extraction of T1-weighted MRI using convolutional neural networks. Comput Biol Med. 2024;179:108845. doi:10.1016/j.compbiomed.2024.108845"),
-    Citation("Fonov", "2011", "Fonov V, Evans AC, Botteron K, Almli CR, McKinstry RC, Collins DL. Unbiased average age-appropriate atlases for pediatric studies. NeuroImage. 2011;54(1):313-327. doi:10.1016/j.neuroimage.2010.07.033"),
-    Citation("Gorgolewski", "2011", "Gorgolewski K, Burns CD, Madison C, Clark D, Halchenko YO, Waskom ML, Ghosh SS. Nipype: a flexible, lightweight and extensible neuroimaging data processing framework in Python. Front Neuroinform. 2011;5:13. doi:10.3389/fninf.2011.00013"),
-    Citation("He", "2022", "He K, Chen X, Xie S, Li Y, Dollar P, Girshick R. Masked autoencoders are scalable vision learners. CVPR 2022. arXiv:2111.06377"),
-    Citation("Mölder", "2021", "Mölder F, Jablonski KP, Letcher B, Hall MB, Tomkins-Tinch CH, Sochat V, Forster J, Lee S, Twardziok SO, Kanitz A, Wilm A, Holtgrewe M, Rahmann S, Nahnsen S, Köster J. Sustainable data analysis with Snakemake. F1000Research. 2021;10:33. doi:10.12688/f1000research.29032.2", ("Molder",)),
-    Citation("Pang", "2023", "Pang JC, Aquino KM, Oldehinkel M, Robinson PA, Fulcher BD, Breakspear M, Fornito A. Geometric constraints on human brain function. Nature. 2023;618:566-574. doi:10.1038/s41586-023-06098-1"),
-    Citation("Paszke", "2019", "Paszke A, Gross S, Massa F, et al. PyTorch: an imperative style, high-performance deep learning library. Advances in Neural Information Processing Systems 32 (NeurIPS) 2019. arXiv:1912.01703"),
-    Citation("Pedregosa", "2011", "Pedregosa F, Varoquaux G, Gramfort A, et al. Scikit-learn: machine learning in Python. J Mach Learn Res. 2011;12:2825-2830"),
-    Citation("Power", "2012", "Power JD, Barnes KA, Snyder AZ, Schlaggar BL, Petersen SE. Spurious but systematic correlations in functional connectivity MRI networks arise from subject motion. NeuroImage. 2012;59(3):2142-2154. doi:10.1016/j.neuroimage.2011.10.018"),
-    Citation("Reuter", "2006", "Reuter M, Wolter F-E, Peinecke N. Laplace-Beltrami spectra as 'Shape-DNA' of surfaces and solids. Comput Aided Des. 2006;38(4):342-366. doi:10.1016/j.cad.2005.10.011"),
-    Citation("Schaefer", "2018", "Schaefer A, Kong R, Gordon EM, Laumann TO, Zuo X-N, Holmes AJ, Eickhoff SB, Yeo BTT. Local-global parcellation of the human cerebral cortex from intrinsic functional connectivity MRI. Cereb Cortex. 2018;28(9):3095-3114. doi:10.1093/cercor/bhx179"),
-    Citation("Tustison", "2010", "Tustison NJ, Avants BB, Cook PA, Zheng Y, Egan A, Yushkevich PA, Gee JC. N4ITK: improved N3 bias correction. IEEE Trans Med Imaging. 2010;29(6):1310-1320. doi:10.1109/TMI.2010.2046908"),
-    Citation("Vaswani", "2017", "Vaswani A, Shazeer N, Parmar N, Uszkoreit J, Jones L, Gomez AN, Kaiser L, Polosukhin I. Attention is all you need. Advances in Neural Information Processing Systems 30 (NeurIPS) 2017. arXiv:1706.03762"),
-    Citation("Wachinger", "2015", "Wachinger C, Golland P, Kremen W, Fischl B, Reuter M. BrainPrint: a discriminative characterization of brain morphology. NeuroImage. 2015;109:232-248. doi:10.1016/j.neuroimage.2015.01.032"),
+    Citation(
+        "Abraham",
+        "2014",
+        "Abraham A, Pedregosa F, Eickenberg M, Gervais P, Mueller A, Kossaifi J, Gramfort A, "
+        "Thirion B, Varoquaux G. Machine learning for neuroimaging with scikit-learn. Front "
+        "Neuroinform. 2014;8:14. doi:10.3389/fninf.2014.00014",
+    ),
+    Citation(
+        "Assran",
+        "2023",
+        "Assran M, Duval Q, Misra I, Bojanowski P, Vincent P, Rabbat M, LeCun Y, Ballas N. "
+        "Self-supervised learning from images with a joint-embedding predictive architecture. "
+        "CVPR 2023. arXiv:2301.08243",
+    ),
+    Citation(
+        "Avants",
+        "2008",
+        "Avants BB, Epstein CL, Grossman M, Gee JC. Symmetric diffeomorphic image "
+        "registration with cross-correlation: evaluating automated labeling of elderly and "
+        "neurodegenerative brain. Med Image Anal. 2008;12(1):26-41. "
+        "doi:10.1016/j.media.2007.06.004",
+    ),
+    Citation(
+        "Beyer",
+        "2023",
+        "Beyer L, Izmailov P, Kolesnikov A, Caron M, Kornblith S, Zhai X, Minderer M, "
+        "Tschannen M, Alabdulmohsin I, Pavetic F. FlexiViT: one model for all patch sizes. "
+        "CVPR 2023. arXiv:2212.08013",
+    ),
+    Citation(
+        "Dong",
+        "2025",
+        "Dong Z, et al. Brain Harmony: a multimodal foundation model unifying morphology and "
+        "function into 1D tokens. Advances in Neural Information Processing Systems (NeurIPS) "
+        "2025. arXiv:2509.24693",
+    ),
+    Citation(
+        "Dosovitskiy",
+        "2021",
+        "Dosovitskiy A, Beyer L, Kolesnikov A, Weissenborn D, Zhai X, Unterthiner T, Dehghani "
+        "M, Minderer M, Heigold G, Gelly S, Uszkoreit J, Houlsby N. An image is worth 16x16 "
+        "words: transformers for image recognition at scale. ICLR 2021. arXiv:2010.11929",
+    ),
+    Citation(
+        "Fisch",
+        "2024",
+        "Fisch L, Zumdick S, Barkhau C, Emden D, Ernsting J, Leenings R, Sarink K, Winter NR, "
+        "Risse B, Dannlowski U, Hahn T. deepbet: fast brain extraction of T1-weighted MRI "
+        "using convolutional neural networks. Comput Biol Med. 2024;179:108845. "
+        "doi:10.1016/j.compbiomed.2024.108845",
+    ),
+    Citation(
+        "Fonov",
+        "2011",
+        "Fonov V, Evans AC, Botteron K, Almli CR, McKinstry RC, Collins DL. Unbiased average "
+        "age-appropriate atlases for pediatric studies. NeuroImage. 2011;54(1):313-327. "
+        "doi:10.1016/j.neuroimage.2010.07.033",
+    ),
+    Citation(
+        "Gorgolewski",
+        "2011",
+        "Gorgolewski K, Burns CD, Madison C, Clark D, Halchenko YO, Waskom ML, Ghosh SS. "
+        "Nipype: a flexible, lightweight and extensible neuroimaging data processing "
+        "framework in Python. Front Neuroinform. 2011;5:13. doi:10.3389/fninf.2011.00013",
+    ),
+    Citation(
+        "He",
+        "2022",
+        "He K, Chen X, Xie S, Li Y, Dollar P, Girshick R. Masked autoencoders are scalable "
+        "vision learners. CVPR 2022. arXiv:2111.06377",
+    ),
+    Citation(
+        "Mölder",
+        "2021",
+        "Mölder F, Jablonski KP, Letcher B, Hall MB, Tomkins-Tinch CH, Sochat V, Forster J, "
+        "Lee S, Twardziok SO, Kanitz A, Wilm A, Holtgrewe M, Rahmann S, Nahnsen S, Köster J. "
+        "Sustainable data analysis with Snakemake. F1000Research. 2021;10:33. "
+        "doi:10.12688/f1000research.29032.2",
+        ("Molder",),
+    ),
+    Citation(
+        "Pang",
+        "2023",
+        "Pang JC, Aquino KM, Oldehinkel M, Robinson PA, Fulcher BD, Breakspear M, Fornito A. "
+        "Geometric constraints on human brain function. Nature. 2023;618:566-574. "
+        "doi:10.1038/s41586-023-06098-1",
+    ),
+    Citation(
+        "Paszke",
+        "2019",
+        "Paszke A, Gross S, Massa F, et al. PyTorch: an imperative style, high-performance "
+        "deep learning library. Advances in Neural Information Processing Systems 32 "
+        "(NeurIPS) 2019. arXiv:1912.01703",
+    ),
+    Citation(
+        "Pedregosa",
+        "2011",
+        "Pedregosa F, Varoquaux G, Gramfort A, et al. Scikit-learn: machine learning in "
+        "Python. J Mach Learn Res. 2011;12:2825-2830",
+    ),
+    Citation(
+        "Power",
+        "2012",
+        "Power JD, Barnes KA, Snyder AZ, Schlaggar BL, Petersen SE. Spurious but systematic "
+        "correlations in functional connectivity MRI networks arise from subject motion. "
+        "NeuroImage. 2012;59(3):2142-2154. doi:10.1016/j.neuroimage.2011.10.018",
+    ),
+    Citation(
+        "Reuter",
+        "2006",
+        "Reuter M, Wolter F-E, Peinecke N. Laplace-Beltrami spectra as 'Shape-DNA' of "
+        "surfaces and solids. Comput Aided Des. 2006;38(4):342-366. "
+        "doi:10.1016/j.cad.2005.10.011",
+    ),
+    Citation(
+        "Schaefer",
+        "2018",
+        "Schaefer A, Kong R, Gordon EM, Laumann TO, Zuo X-N, Holmes AJ, Eickhoff SB, Yeo BTT. "
+        "Local-global parcellation of the human cerebral cortex from intrinsic functional "
+        "connectivity MRI. Cereb Cortex. 2018;28(9):3095-3114. doi:10.1093/cercor/bhx179",
+    ),
+    Citation(
+        "Tustison",
+        "2010",
+        "Tustison NJ, Avants BB, Cook PA, Zheng Y, Egan A, Yushkevich PA, Gee JC. N4ITK: "
+        "improved N3 bias correction. IEEE Trans Med Imaging. 2010;29(6):1310-1320. "
+        "doi:10.1109/TMI.2010.2046908",
+    ),
+    Citation(
+        "Vaswani",
+        "2017",
+        "Vaswani A, Shazeer N, Parmar N, Uszkoreit J, Jones L, Gomez AN, Kaiser L, Polosukhin "
+        "I. Attention is all you need. Advances in Neural Information Processing Systems 30 "
+        "(NeurIPS) 2017. arXiv:1706.03762",
+    ),
+    Citation(
+        "Wachinger",
+        "2015",
+        "Wachinger C, Golland P, Kremen W, Fischl B, Reuter M. BrainPrint: a discriminative "
+        "characterization of brain morphology. NeuroImage. 2015;109:232-248. "
+        "doi:10.1016/j.neuroimage.2015.01.032",
+    ),
 )
 
 _ANY_CITATION = re.compile(r"\b([A-Z][A-Za-zÀ-ÿ'-]+) et al\.?,?\s*\(?((?:19|20)\d\d)")
@@ -144,7 +265,8 @@ def _package_modules(package: str) -> list[str]:
     module = _import(package)
     if module is None or not hasattr(module, "__path__"):
         return []
-    return sorted(info.name for info in pkgutil.walk_packages(module.__path__, prefix=f"{package}.", onerror=lambda _: None))
+    found = pkgutil.walk_packages(module.__path__, prefix=f"{package}.", onerror=lambda _: None)
+    return sorted(info.name for info in found)
 
 
 def _desc_of(module: ModuleType | None) -> str | None:
@@ -356,6 +478,8 @@ def build_boilerplate(*, config: Mapping[str, Any]) -> Boilerplate:
     versions = package_versions()
     code = code_version()
     commit = code["commit"] if code["commit"] == "unknown" else code["commit"][:12]
+    if code["dirty"]:
+        commit += ", with uncommitted changes"
     intro = (
         f"Results were produced with bh_models {bh_models.__version__} (commit {commit}), "
         f"a Snakemake {versions['snakemake']} (Mölder et al. 2021) workflow implementing "

@@ -26,7 +26,7 @@ EXCLUSIONS_DIRNAME = "exclusions"
 
 EXCLUSION_COLUMNS = ["dataset", "subject", "rule", "file", "reason"]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def _label(text: str) -> str:
@@ -105,9 +105,11 @@ def clear_exclusions(*, results_dir: Path, dataset: str, subject: str, rule: str
     """
     folder = _subject_dir(results_dir, dataset, subject)
     removed = 0
-    for path in folder.glob(f"{_label(rule)}_*.json"):
-        path.unlink(missing_ok=True)
-        removed += 1
+    for path in sorted(folder.glob("[!.]*.json")):
+        # Compare the recorded rule, not the file name: sanitised names may share prefixes.
+        if read_json(path).get("rule") == str(rule):
+            path.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

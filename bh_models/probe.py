@@ -5,11 +5,11 @@ Protocol
 * Folds are drawn over *subjects*, never over rows: a table with several rows per
   subject (e.g. TR-augmented variants) keeps all of a subject's rows on one side of
   every split, and the held-out predictions are averaged per subject.
-* Outer: stratified k-fold (default 5), repeated with different seeds (default 10).
-  Regression targets are stratified on rank bins of the target.
-* Inner: the penalty is chosen by a stratified k-fold (default 3) inside the outer
-  training subjects only; covariate regression and standardisation are refitted
-  inside every inner and outer training fold.
+* Outer: stratified k-fold (default 5), repeated with different seeds (default 10);
+  regression targets are stratified on rank bins of the target.
+* Inner: the penalty is chosen by leaving out each of the other k-1 outer folds in
+  turn, inside the outer training subjects only; covariate regression and
+  standardisation are refitted inside every inner and outer training fold.
 * Classification: L2 logistic regression with balanced class weights (sklearn's
   ``LogisticRegression(C, class_weight="balanced")`` objective), penalty chosen by
   the validation log loss. Regression: ridge (sklearn's ``Ridge(alpha)``), penalty
@@ -36,17 +36,18 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from bh_models.errors import BHConfigError
 from bh_models.targets import apply_covariate_regression, fit_covariate_regression
 
 __desc__ = (
-    "Frozen embeddings were evaluated with linear probes (L2-regularised logistic regression "
-    "with balanced class weights for classification, ridge regression for regression) on "
-    "standardised features, using stratified 5-fold cross-validation over subjects repeated "
-    "10 times; the penalty was selected by a nested stratified 3-fold cross-validation "
-    "within each training fold, and metrics were reported as mean +- sd over repeats."
+    "Frozen embeddings were evaluated with linear probes (scikit-learn, Pedregosa et al. 2011): "
+    "L2-regularised logistic regression with balanced class weights for classification and "
+    "ridge regression for regression, on features standardised within each training fold, "
+    "with stratified {n_folds}-fold cross-validation over subjects repeated {n_repeats} times; "
+    "the penalty was selected by an inner cross-validation over the training folds only."
 )
 
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1", "f1_weighted", "auroc")
@@ -110,8 +111,20 @@ class _FoldDesign:
     singular_values: np.ndarray  # (r,)
 
 
-def derived_seed(seed: int, *keys: int) -> int:
-    """A 32-bit seed for sub-stream ``keys`` of ``seed`` (independent, reproducible)."""
+def derived_seed(*, seed: int, keys: Sequence[int]) -> int:
+    """A 32-bit seed for sub-stream ``keys`` of ``seed`` (independent, reproducible).
+
+    Parameters
+    ----------
+    seed : int
+        The configured seed.
+    keys : sequence of int
+        Names the sub-stream, e.g. ``(repeat, fold)``.
+
+    Returns
+    -------
+    int
+    """
     return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1)[0])
 
 
@@ -146,26 +159,22 @@ def _strata(y: np.ndarray, task_type: str, n_folds: int) -> np.ndarray:
         return np.asarray(y, dtype=np.int64)
     ranks = np.argsort(np.argsort(y, kind="stable"), kind="stable")
     bins = ranks // n_folds
-    # A last, incomplete bin joins the one before so that every bin fills every fold.
+    # A last, incomplete bin joins the one before, so that every bin fills every fold.
     if len(y) % n_folds and bins.max() > 0:
         bins[bins == bins.max()] -= 1
     return bins
 
 
-def _check_strata(strata: np.ndarray, n_folds: int, what: str) -> None:
-    smallest = np.bincount(strata).min() if len(strata) else 0
-    if n_folds < 2 or smallest < n_folds:
-        raise BHConfigError(
-            f"evaluation.{what}",
-            f"{n_folds} folds need at least {n_folds} subjects per class (or target bin); "
-            f"the smallest has {smallest}",
-            f"lower evaluation.{what} (minimum 2) or drop the task for this dataset",
-        )
-
-
 def make_splits(*, y: np.ndarray, task_type: str, n_folds: int = 5, n_repeats: int = 10,
-                n_inner_folds: int = 3, seed: int = 0) -> list[Split]:
-    """Repeated stratified k-fold over subjects, each with inner folds for tuning.
+                seed: int = 0) -> list[Split]:
+    """Repeated stratified k-fold over subjects; inner folds are the other outer folds.
+
+    Classification folds are stratified by class, regression folds by rank bins of
+    the target. The inner (tuning) folds of an outer split are its ``n_folds - 1``
+    training folds, each left out once. Because every fold, inner or outer, is a
+    union of outer folds, permuting labels *within* outer folds leaves every fold's
+    label composition unchanged, which makes the permutation test on these same
+    folds exact (:mod:`bh_models.permutation`).
 
     Parameters
     ----------
@@ -173,8 +182,8 @@ def make_splits(*, y: np.ndarray, task_type: str, n_folds: int = 5, n_repeats: i
         Subject-level target (0/1 or continuous); folds are stratified on it.
     task_type : str
         ``"classification"`` or ``"regression"``.
-    n_folds, n_repeats, n_inner_folds : int
-        Outer folds, repeats of the outer k-fold, inner (tuning) folds.
+    n_folds, n_repeats : int
+        Outer folds (at least 3, so that tuning has 2 folds) and repeats.
     seed : int
         Base seed; repeat ``r`` uses sub-stream ``(seed, r)``.
 
@@ -185,19 +194,45 @@ def make_splits(*, y: np.ndarray, task_type: str, n_folds: int = 5, n_repeats: i
     """
     y = np.asarray(y)
     strata = _strata(y, task_type, n_folds)
-    _check_strata(strata, n_folds, "n_folds")
+    smallest = int(np.bincount(strata).min()) if len(y) else 0
+    if n_folds < 3 or smallest < n_folds:
+        raise BHConfigError(
+            "evaluation.n_folds",
+            f"{n_folds} folds need at least 3 folds and {n_folds} subjects per class (or target "
+            f"bin); the smallest class has {smallest}",
+            "lower evaluation.n_folds (minimum 3) or drop the task for this dataset")
     splits = []
     for repeat in range(n_repeats):
-        outer = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=derived_seed(seed, repeat))
-        for fold, (train, test) in enumerate(outer.split(np.zeros(len(y)), strata)):
-            inner_strata = _strata(y[train], task_type, n_inner_folds)
-            _check_strata(inner_strata, n_inner_folds, "n_inner_folds")
-            inner_cv = StratifiedKFold(n_splits=n_inner_folds, shuffle=True,
-                                       random_state=derived_seed(seed, repeat, fold))
-            inner = tuple((train[fit], train[val])
-                          for fit, val in inner_cv.split(np.zeros(len(train)), inner_strata))
-            splits.append(Split(repeat=repeat, fold=fold, train=train, test=test, inner=inner))
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True,
+                                   random_state=derived_seed(seed=seed, keys=(repeat,)))
+        tests = [test for _, test in splitter.split(np.zeros(len(y)), strata)]
+        for fold, test in enumerate(tests):
+            others = [tests[j] for j in range(n_folds) if j != fold]
+            inner = tuple((np.sort(np.concatenate(others[:j] + others[j + 1:])), validation)
+                          for j, validation in enumerate(others))
+            train = np.sort(np.concatenate(others))
+            splits.append(Split(repeat=repeat, fold=fold, train=train, test=np.sort(test),
+                                inner=inner))
     return splits
+
+
+def fold_of_subjects(*, splits: Sequence[Split], repeat: int = 0) -> np.ndarray:
+    """Outer test-fold index of every subject in one repeat.
+
+    Parameters
+    ----------
+    splits : sequence of Split
+    repeat : int
+
+    Returns
+    -------
+    numpy.ndarray of int, shape (n_subjects,)
+    """
+    own = [s for s in splits if s.repeat == repeat]
+    fold = np.full(sum(len(s.test) for s in own), -1, dtype=np.int64)
+    for split in own:
+        fold[split.test] = split.fold
+    return fold
 
 
 def rows_of_subjects(*, subjects: np.ndarray, row_subject: np.ndarray) -> np.ndarray:
@@ -250,7 +285,7 @@ def _balanced_weights(y: np.ndarray) -> np.ndarray:
 
 
 def fit_logistic_batch(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, sample_weight: np.ndarray,
-                       max_iter: int = 100, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+                       max_iter: int = 100, tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
     """L2 logistic regressions for many label columns at once (batched Newton).
 
     Minimises, per column b, ``C_b * sum_i w_ib * logloss(y_ib, z_i . beta_b + a_b)
@@ -298,30 +333,39 @@ def _newton_logistic(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, w: np.ndarr
     theta = np.zeros((len(c), p))
     obj = _logistic_objective(theta, za, yt, wt, penalty)
     threshold = tol * wt.sum(1)
+    # Row outer products, so that every column's Hessian is one matrix product.
+    outer = (za[:, :, None] * za[:, None, :]).reshape(n, p * p)  # (n, p, p) -> (n, p*p)
     diag = np.arange(p)
+    active = np.ones(len(c), dtype=bool)
     for _ in range(max_iter):
-        prob = expit(theta @ za.T)  # (B, n)
-        grad = (wt * (prob - yt)) @ za + penalty * theta  # (B, p)
-        active = np.abs(grad).max(1) > threshold
-        if not active.any():
+        idx = np.flatnonzero(active)
+        prob = expit(theta[idx] @ za.T)  # (b, n)
+        grad = (wt[idx] * (prob - yt[idx])) @ za + penalty[idx] * theta[idx]  # (b, p)
+        moving = np.abs(grad).max(1) > threshold[idx]
+        active[idx[~moving]] = False
+        idx, prob, grad = idx[moving], prob[moving], grad[moving]
+        if not idx.size:
             break
-        curvature = wt[active] * prob[active] * (1.0 - prob[active])  # (b, n)
-        hess = (za.T[None] * curvature[:, None, :]) @ za  # (b, p, n) @ (n, p) -> (b, p, p)
+        curvature = wt[idx] * prob * (1.0 - prob)  # (b, n)
+        hess = (curvature @ outer).reshape(-1, p, p)  # (b, p*p) -> (b, p, p)
         # A tiny ridge keeps the Hessian invertible when a column has a single class.
-        hess[:, diag, diag] += penalty[active] + 1e-12
-        step = np.linalg.solve(hess, grad[active][..., None])[..., 0]  # (b, p)
-        t = np.ones(active.sum())
-        current = theta[active]
-        for _ in range(40):
-            candidate = current - t[:, None] * step
-            cand_obj = _logistic_objective(candidate, za, yt[active], wt[active], penalty[active])
-            worse = cand_obj > obj[active]
-            if not worse.any():
+        hess[:, diag, diag] += penalty[idx] + 1e-12
+        step = np.linalg.solve(hess, grad[..., None])[..., 0]  # (b, p)
+        # Backtracking line search, evaluated only for the columns still searching.
+        pending, t = idx, 1.0
+        for _ in range(30):
+            candidate = theta[pending] - t * step[np.searchsorted(idx, pending)]
+            cand_obj = _logistic_objective(candidate, za, yt[pending], wt[pending],
+                                           penalty[pending])
+            # Relative slack: at the optimum, rounding alone must not count as an increase.
+            accepted = cand_obj <= obj[pending] + 1e-13 * np.abs(obj[pending])
+            theta[pending[accepted]] = candidate[accepted]
+            obj[pending[accepted]] = cand_obj[accepted]
+            pending, t = pending[~accepted], t / 2.0
+            if not pending.size:
                 break
-            t = np.where(worse, t / 2.0, t)
-        # A step that never decreased the objective is dropped (the column has converged).
-        theta[active] = np.where(worse[:, None], current, candidate)
-        obj[active] = np.where(worse, obj[active], cand_obj)
+        # No decrease along the Newton direction: the column sits at its optimum.
+        active[pending] = False
     return theta
 
 
@@ -372,7 +416,7 @@ def cross_validated_scores(*, features: np.ndarray, row_subject: np.ndarray, lab
                            covariates: np.ndarray | None = None,
                            penalty_grid: Sequence[float] | None = None,
                            class_weight: str | None = "balanced",
-                           progress: str | None = None) -> ProbeResult:
+                           progress: str | None = None, threads: int = 1) -> ProbeResult:
     """Nested-CV linear-probe scores for every label column on the given folds.
 
     Parameters
@@ -397,6 +441,8 @@ def cross_validated_scores(*, features: np.ndarray, row_subject: np.ndarray, lab
         Class weighting of the logistic loss and of its validation loss.
     progress : str or None
         tqdm description; None hides the bar.
+    threads : int
+        BLAS threads. The work is many tiny matrices, where one thread is fastest.
 
     Returns
     -------
@@ -410,43 +456,64 @@ def cross_validated_scores(*, features: np.ndarray, row_subject: np.ndarray, lab
         raise ValueError("features and row_subject must have the same number of rows")
     if penalty_grid is None:
         penalty_grid = DEFAULT_C_GRID if task_type == "classification" else DEFAULT_ALPHA_GRID
-    grid = np.asarray(penalty_grid, dtype=float)
-    row_labels = labels[row_subject]  # (n_rows, B)
     row_covariates = None if covariates is None else np.asarray(covariates, float)[row_subject]
+    rows = _Rows(features=features, subject=row_subject, labels=labels[row_subject],
+                 covariates=row_covariates)
     n_subjects, n_columns = labels.shape
     n_repeats = max(s.repeat for s in splits) + 1
     scores = np.full((n_repeats, n_subjects, n_columns), np.nan)
     selected = np.full((len(splits), n_columns), np.nan)
-    for index, split in enumerate(tqdm(splits, desc=progress, disable=None if progress else True,
-                                       leave=False)):
-        train_rows = rows_of_subjects(subjects=split.train, row_subject=row_subject)
-        test_rows = rows_of_subjects(subjects=split.test, row_subject=row_subject)
-        if np.intersect1d(row_subject[train_rows], row_subject[test_rows]).size:
-            raise AssertionError("a subject is on both sides of a split")  # cannot happen by design
-        # Inner CV: every penalty for every column in one batch of len(grid) * B problems.
-        loss = np.zeros((len(grid), n_columns))
-        for fit_subjects, val_subjects in split.inner:
-            fit_rows = rows_of_subjects(subjects=fit_subjects, row_subject=row_subject)
-            val_rows = rows_of_subjects(subjects=val_subjects, row_subject=row_subject)
-            design = _prepare_fold(features=features, covariates=row_covariates,
-                                   train_rows=fit_rows, test_rows=val_rows)
-            y_fit = np.tile(row_labels[fit_rows], len(grid))  # (n_fit, G * B), grid-major
-            val_scores = _fold_scores(design, y_fit, np.repeat(grid, n_columns), task_type,
-                                      class_weight)
-            val_y = np.tile(row_labels[val_rows], len(grid))
-            loss += _validation_loss(val_y, val_scores, task_type, class_weight).reshape(
-                len(grid), n_columns)  # (G * B,) -> (G, B)
-        chosen = grid[np.argmin(loss, axis=0)]  # (B,)
-        selected[index] = chosen
-        design = _prepare_fold(features=features, covariates=row_covariates,
-                               train_rows=train_rows, test_rows=test_rows)
-        row_scores = _fold_scores(design, row_labels[train_rows], chosen, task_type, class_weight)
-        scores[split.repeat, split.test] = subject_means(
-            values=row_scores, row_subject=row_subject[test_rows], subjects=split.test)
+    with threadpool_limits(limits=threads):
+        for index, split in enumerate(tqdm(splits, desc=progress,
+                                           disable=None if progress else True, leave=False)):
+            selected[index], scores[split.repeat, split.test] = _fit_split(
+                split=split, rows=rows, grid=np.asarray(penalty_grid, dtype=float),
+                task_type=task_type, class_weight=class_weight)
     return ProbeResult(scores=scores, selected=selected)
 
 
-def subject_means(*, values: np.ndarray, row_subject: np.ndarray, subjects: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class _Rows:
+    """Row-level inputs of the probe (labels and covariates copied from the row's subject)."""
+
+    features: np.ndarray  # (n_rows, n_features)
+    subject: np.ndarray  # (n_rows,) subject position
+    labels: np.ndarray  # (n_rows, B)
+    covariates: np.ndarray | None  # (n_rows, n_covariates)
+
+    def of(self, subjects: np.ndarray) -> np.ndarray:
+        return rows_of_subjects(subjects=subjects, row_subject=self.subject)
+
+
+def _fit_split(*, split: Split, rows: _Rows, grid: np.ndarray, task_type: str,
+               class_weight: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Penalty per column chosen on the inner folds; held-out subject scores, shape (n_test, B)."""
+    train_rows, test_rows = rows.of(split.train), rows.of(split.test)
+    if np.intersect1d(rows.subject[train_rows], rows.subject[test_rows]).size:
+        raise AssertionError("a subject is on both sides of a split")  # excluded by construction
+    n_columns = rows.labels.shape[1]
+    # Inner CV: every penalty for every column in one batch of len(grid) * B problems.
+    loss = np.zeros((len(grid), n_columns))
+    for fit_subjects, val_subjects in split.inner:
+        fit_rows, val_rows = rows.of(fit_subjects), rows.of(val_subjects)
+        design = _prepare_fold(features=rows.features, covariates=rows.covariates,
+                               train_rows=fit_rows, test_rows=val_rows)
+        y_fit = np.tile(rows.labels[fit_rows], len(grid))  # (n_fit, G * B), grid-major
+        val_scores = _fold_scores(design, y_fit, np.repeat(grid, n_columns), task_type,
+                                  class_weight)
+        val_y = np.tile(rows.labels[val_rows], len(grid))  # (n_val, G * B)
+        loss += _validation_loss(val_y, val_scores, task_type, class_weight).reshape(
+            len(grid), n_columns)  # (G * B,) -> (G, B)
+    chosen = grid[np.argmin(loss, axis=0)]  # (B,); first minimum = strongest penalty
+    design = _prepare_fold(features=rows.features, covariates=rows.covariates,
+                           train_rows=train_rows, test_rows=test_rows)
+    row_scores = _fold_scores(design, rows.labels[train_rows], chosen, task_type, class_weight)
+    return chosen, subject_means(values=row_scores, row_subject=rows.subject[test_rows],
+                                 subjects=split.test)
+
+
+def subject_means(*, values: np.ndarray, row_subject: np.ndarray,
+                  subjects: np.ndarray) -> np.ndarray:
     """Average row-level values per subject.
 
     Parameters
@@ -567,7 +634,7 @@ def metrics_by_repeat(*, labels: np.ndarray, scores: np.ndarray,
     return {name: np.stack([m[name] for m in per_repeat]) for name in per_repeat[0]}
 
 
-def mean_sd(values: np.ndarray) -> tuple[float, float]:
+def mean_sd(*, values: np.ndarray) -> tuple[float, float]:
     """Mean and sample sd (0 for a single value) of a 1-d array of per-repeat metrics."""
     values = np.asarray(values, float)
     sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0

@@ -29,18 +29,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import socket
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import bh_models
 from bh_models.hashing import HashCache, canonical_json_sha256, hash_cache_dir
-from bh_models.jsonio import read_json, write_json
+from bh_models.jsonio import write_json
 
 #: Folder of the per-job records, relative to the results directory.
 PROVENANCE_DIRNAME = "provenance"
@@ -218,6 +219,26 @@ def portable_path(
     return absolute
 
 
+def recorded_path_resolver(
+    *, workdir: Path, bids_roots: Mapping[str, Path] | None = None
+) -> Callable[[str], str]:
+    """A fast ``recorded path -> absolute path string`` function for one record's context.
+
+    String-only (no pathlib) because the audit resolves hundreds of thousands
+    of paths. See :func:`resolve_recorded_path` for the rules.
+    """
+    base = _lexical_abspath(workdir)
+    roots = {name: os.path.join(base, os.fspath(root)) for name, root in (bids_roots or {}).items()}
+
+    def resolve(recorded: str) -> str:
+        if recorded.startswith("bids:"):
+            _, name, rel = recorded.split(":", 2)
+            return os.path.normpath(os.path.join(roots[name], rel))
+        return os.path.normpath(os.path.join(base, recorded))
+
+    return resolve
+
+
 def resolve_recorded_path(
     *, recorded: str, workdir: Path, bids_roots: Mapping[str, Path] | None = None
 ) -> Path:
@@ -233,17 +254,17 @@ def resolve_recorded_path(
         Raw dataset name -> BIDS root, to resolve ``bids:`` URIs (relative
         roots are relative to ``workdir``).
 
+    Returns
+    -------
+    Path
+        Absolute, normalised path.
+
     Raises
     ------
     KeyError
         For a BIDS URI naming a dataset that ``bids_roots`` lacks.
     """
-    if recorded.startswith("bids:"):
-        _, name, rel = recorded.split(":", 2)
-        root = Path((bids_roots or {})[name])
-        return Path(workdir) / root / rel if not root.is_absolute() else root / rel
-    path = Path(recorded)
-    return path if path.is_absolute() else Path(workdir) / path
+    return Path(recorded_path_resolver(workdir=workdir, bids_roots=bids_roots)(recorded))
 
 
 def workdir_of(*, results_dir: Path, record: Mapping[str, Any]) -> Path:
@@ -282,6 +303,13 @@ def job_key(*, wildcards: Mapping[str, Any]) -> str:
     return f"{safe[:120]}_{digest}"
 
 
+def _rule_folder(rule: str) -> str:
+    # Snakemake rule names are identifiers; anything else is made safe and unique.
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", rule):
+        return rule
+    return f"{_SAFE_LABEL.sub('', rule)[:60]}_{hashlib.sha256(rule.encode('utf-8')).hexdigest()[:8]}"
+
+
 def provenance_dir(*, results_dir: Path) -> Path:
     """Folder of the per-job provenance records of a results directory."""
     return Path(results_dir) / PROVENANCE_DIRNAME
@@ -296,12 +324,18 @@ def iter_records(*, results_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         Record file and its content. Hidden files (atomic-write
         temporaries) are skipped.
     """
-    root = provenance_dir(results_dir=results_dir)
-    if not root.is_dir():
+    root = os.fspath(provenance_dir(results_dir=results_dir))
+    if not os.path.isdir(root):
         return
-    for rule_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(rule_dir.glob("[!.]*.json")):
-            yield path, read_json(path)
+    # os.scandir, not pathlib: the audit reads 10^4-10^5 records.
+    with os.scandir(root) as rules:
+        rule_dirs = sorted(e.path for e in rules if e.is_dir() and not e.name.startswith("."))
+    for rule_dir in rule_dirs:
+        with os.scandir(rule_dir) as found:
+            files = sorted(e.path for e in found if e.name.endswith(".json") and not e.name.startswith("."))
+        for path in files:
+            with open(path, encoding="utf-8") as fh:
+                yield Path(path), json.load(fh)
 
 
 # --------------------------------------------------------------------------- records
@@ -381,6 +415,7 @@ def record_job(
         The record written, ``<results_dir>/provenance/<rule>/<jobkey>.json``.
     """
     workdir = Path(workdir) if workdir is not None else Path.cwd()
+    results_dir = workdir / results_dir  # relative paths are relative to the workdir (absolute stay)
     cache = hash_cache if hash_cache is not None else HashCache(cache_dir=hash_cache_dir(results_dir=results_dir))
     key = job_key(wildcards=wildcards)
     record = {
@@ -406,7 +441,7 @@ def record_job(
             str(name): portable_path(path=root, workdir=workdir) for name, root in sorted((bids_roots or {}).items())
         },
     }
-    return write_json(provenance_dir(results_dir=results_dir) / _SAFE_LABEL.sub("", rule) / f"{key}.json", record)
+    return write_json(provenance_dir(results_dir=results_dir) / _rule_folder(rule) / f"{key}.json", record)
 
 
 # --------------------------------------------------------------------------- dataset_description.json

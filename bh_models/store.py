@@ -90,6 +90,8 @@ def plan_shards(*, splits: Sequence[str], sizes: Sequence[int], shard_size: int)
 
 def _open_shards(out_dir: Path, shards: Sequence[str], rows: Sequence[int], item_shape: tuple[int, ...]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".shard-*.npy.tmp"):  # from a killed run
+        leftover.unlink()
     totals = pd.Series(np.asarray(rows, dtype=np.int64)).groupby(np.asarray(shards, dtype=object)).sum()
     # open_memmap writes the fixed .npy v1.0 header: same shape, same bytes.
     return {name: np.lib.format.open_memmap(out_dir / f".{name}.tmp", mode="w+", dtype=_DTYPE,
@@ -123,6 +125,11 @@ def _shard_rows(shard_size_mb: float, row_bytes: int) -> int:
     if not shard_size_mb > 0:
         raise BHConfigError("store.shard_size_mb", f"{shard_size_mb} is not positive", "set e.g. 1024")
     return max(1, int(shard_size_mb * 2**20 // row_bytes))
+
+
+def read_roi_names(path: Path) -> list[str]:
+    """ROI names (the header) of a parcel time-series TSV, without parsing the values."""
+    return [str(c) for c in pd.read_csv(path, sep="\t", nrows=0).columns]
 
 
 def read_timeseries(path: Path) -> tuple[list[str], np.ndarray]:
@@ -183,11 +190,13 @@ def pack_fmri(
     if missing:
         raise BHInputError(samples, f"source {missing[0]} is not among the time series passed",
                            "pass every time series the samples table was made from")
-    rois, _ = read_timeseries(sources[table["source_file"].iloc[0]]) if len(table) else ([], None)
+    rois = read_roi_names(sources[table["source_file"].iloc[0]]) if len(table) else []
     table["shard"], table["row_start"] = plan_shards(
-        splits=table["split"], sizes=table["n_frames"], shard_size=_shard_rows(shard_size_mb, 4 * len(rois)))
+        splits=table["split"], sizes=table["n_frames"], shard_size=_shard_rows(shard_size_mb, 4 * max(1, len(rois))))
     maps = _open_shards(out_dir, table["shard"], table["n_frames"], (len(rois),))
-    means = np.zeros((len(table), len(rois)), dtype=np.float64)
+    # On disk, not in memory: 160,000 UK Biobank samples x 400 ROIs is 0.5 GB.
+    means_tmp = out_dir / f".{TEMPORAL_MEANS_FILE}.tmp"
+    means = np.lib.format.open_memmap(means_tmp, mode="w+", dtype="<f8", shape=(len(table), len(rois)))
 
     def pack_source(item: tuple[str, pd.DataFrame]) -> None:
         source_file, rows = item
@@ -211,9 +220,13 @@ def pack_fmri(
                 pass
     except BaseException:
         _discard_shards(out_dir, maps)
+        del means
+        means_tmp.unlink(missing_ok=True)
         raise
     shard_names = _commit_shards(out_dir, maps)
-    np.save(out_dir / TEMPORAL_MEANS_FILE, means)
+    means.flush()
+    del means
+    os.replace(means_tmp, out_dir / TEMPORAL_MEANS_FILE)
     write_samples_table(table, out_dir / INDEX_FILE)
     shard_rows = table.groupby("shard")["n_frames"].sum()
     write_json(out_dir / STORE_META_FILE, {
@@ -456,10 +469,14 @@ def collate_fmri(batch: Sequence[dict]) -> dict:
         ``tr`` (B,) float32, ``k``, ``n_patches``, ``n_frames`` (B,) int64, and
         ``sample_id``, ``subject``, ``dataset`` as lists of str.
     """
-    longest = max(item["x"].shape[1] for item in batch)
-    x = torch.zeros((len(batch), batch[0]["x"].shape[0], longest), dtype=torch.float32)  # (B, n_rois, T_max)
-    for b, item in enumerate(batch):
-        x[b, :, : item["x"].shape[1]] = item["x"]
+    widths = [item["x"].shape[1] for item in batch]
+    if len(set(widths)) == 1:  # one patch size in the batch: a single copy
+        x = torch.stack([item["x"] for item in batch])  # (B, n_rois, T)
+    else:
+        x = torch.empty((len(batch), batch[0]["x"].shape[0], max(widths)), dtype=torch.float32)  # (B, n_rois, T_max)
+        for b, (item, width) in enumerate(zip(batch, widths)):
+            x[b, :, :width] = item["x"]
+            x[b, :, width:] = 0
     out = {"x": x, "patch_mask": torch.stack([item["patch_mask"] for item in batch]),
            "tr": torch.tensor([item["tr"] for item in batch], dtype=torch.float32)}
     for key in ("k", "n_patches", "n_frames"):

@@ -223,7 +223,8 @@ def build_task_target(*, participants: pd.DataFrame, task: TaskSpec,
     """
     for column in (task.column, *task.covariates):
         if column not in participants.columns:
-            raise BHInputError(source, f"task '{task.name}' needs column '{column}', which is absent",
+            raise BHInputError(source,
+                               f"task '{task.name}' needs column '{column}', which is absent",
                                f"add '{column}' to participants.tsv or fix the task config")
     raw = participants[task.column].str.strip()
     missing = raw.isna()

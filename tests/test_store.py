@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -101,11 +102,16 @@ def store(inputs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_store(inputs, tmp_path_factory.mktemp("run1"))
 
 
+@functools.cache
+def load_source(path: Path) -> np.ndarray:
+    # numpy's own parser, independent of the pandas reader the store uses.
+    return np.loadtxt(path, skiprows=1, dtype=np.float64).astype(np.float32)
+
+
 def expected_variant(inputs: dict, row: pd.Series) -> np.ndarray:
     """The variant straight from the source TSV: (n_rois, n_frames) float32."""
     source = next(p for p in inputs[row["dataset"]][0] if p.name == row["source_file"])
-    values = np.loadtxt(source, skiprows=1, dtype=np.float64).astype(np.float32)
-    return values[row["offset"]::row["factor"]][: row["n_frames"]].T
+    return load_source(source)[row["offset"]::row["factor"]][: row["n_frames"]].T
 
 
 def test_plan_shards_groups_by_split_and_size() -> None:

@@ -52,6 +52,8 @@ class HarmonixS(nn.Module):
         super().__init__()
         if any(side % config.patch_size for side in config.img_size):
             raise ValueError(f"img_size {config.img_size} is not a multiple of patch_size {config.patch_size}")
+        if int(torch.tensor(config.grid).prod()) < 2:
+            raise ValueError(f"img_size {config.img_size} holds one patch: nothing to mask and reconstruct")
         self.config = config
         patch, width = config.patch_size, config.embed_dim
         self.patch_embed = nn.Conv3d(1, width, kernel_size=patch, stride=patch)
@@ -96,7 +98,7 @@ class HarmonixS(nn.Module):
             ``(B, N)`` float, 1 on hidden patches.
         """
         n_tokens = self.pos_embed.shape[0]
-        n_keep = max(1, int(n_tokens * (1 - self.config.mask_ratio)))
+        n_keep = min(n_tokens - 1, max(1, int(n_tokens * (1 - self.config.mask_ratio))))  # >= 1 hidden, >= 1 seen
         noise = torch.rand(n_batch, n_tokens, generator=generator)  # (B, N) on CPU: same draw on any device
         shuffle = torch.argsort(noise, dim=1)
         keep_index = shuffle[:, :n_keep].to(device)

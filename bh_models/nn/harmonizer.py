@@ -169,15 +169,27 @@ class Harmonizer(nn.Module):
         metrics : dict
             ``loss_s``, ``loss_f``, and how many samples had each modality.
         """
-        hub = self.fuse(z_s, s_mask, z_f, f_mask)
-        f_queries = self.f_positions(dim=self.config.decoder_dim, n_tokens=z_f.shape[1], device=z_f.device)
-        pred_s = self.decoder_s(hub, self.s_query_positions, s_mask)  # (B, N_S, dim_s)
-        pred_f = self.decoder_f(hub, f_queries, f_mask)  # (B, R * P, dim_f)
+        pred_s, pred_f = self.reconstruct(self.fuse(z_s, s_mask, z_f, f_mask), s_mask, f_mask)
         loss_s, has_s = _modality_loss(pred_s, z_s, s_mask)
         loss_f, has_f = _modality_loss(pred_f, z_f, f_mask)
-        metrics = {"loss_s": float(loss_s), "loss_f": float(loss_f),
+        metrics = {"loss_s": float(loss_s.detach()), "loss_f": float(loss_f.detach()),
                    "samples_s": float(has_s), "samples_f": float(has_f)}
         return loss_s + loss_f, metrics
+
+    def reconstruct(self, hub: Tensor, s_mask: Tensor, f_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Rebuild both token sequences from hub tokens alone (masks give only the layout).
+
+        Returns
+        -------
+        pred_s : Tensor
+            ``(B, N_S, dim_s)``.
+        pred_f : Tensor
+            ``(B, R * P, dim_f)`` with ``R * P = f_mask.shape[1]``.
+        """
+        f_queries = self.f_positions(dim=self.config.decoder_dim, n_tokens=f_mask.shape[1], device=hub.device)
+        pred_s = self.decoder_s(hub, self.s_query_positions, s_mask)
+        pred_f = self.decoder_f(hub, f_queries, f_mask)
+        return pred_s, pred_f
 
     @torch.no_grad()
     def hub_embedding(self, z_s: Tensor, s_mask: Tensor, z_f: Tensor, f_mask: Tensor) -> Tensor:

@@ -90,8 +90,10 @@ class TemporalAdaptivePatchEmbed(nn.Module):
         super().__init__()
         self.base_patch = base_patch
         self.weight = nn.Parameter(torch.empty(embed_dim, base_patch))  # (D, k0)
-        self.bias = nn.Parameter(torch.zeros(embed_dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        self.bias = nn.Parameter(torch.empty(embed_dim))
+        # nn.Linear's default initialisation (the authors' Conv2d patch embedding uses the same).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -1 / math.sqrt(base_patch), 1 / math.sqrt(base_patch))
         # k -> pinv(R_k^T) (k, k0), float64 on CPU; tensors on other devices are
         # cached alongside under (k, device, dtype). Not a buffer: it is derived.
         self._operators: dict[tuple, Tensor] = {}

@@ -1,0 +1,265 @@
+"""Step functions: tiny pretraining of all three models lowers each loss; embeddings; resume.
+
+The packed store is replaced by a stand-in module with the same four names
+(``FmriShardDataset``, ``T1ShardDataset``, ``collate_fmri``, ``paired_samples``)
+serving synthetic, structured data: ROI time series driven by three shared
+oscillations with ROI-specific loadings, and T1 volumes made of a smooth
+template plus subject-specific variation.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from bh_models import pretrain, train as train_module
+from bh_models.errors import BHInputError
+from bh_models.jsonio import read_json, sidecar_path
+from bh_models.train import load_checkpoint, resume_path
+
+N_ROIS, MAX_PATCHES, VOLUME = 32, 3, (30, 32, 34)  # volumes padded to 32 x 32 x 48 = 12 patches
+STEPS = 40
+SUBJECTS = {  # subject -> (split, has fMRI, has T1)
+    **{f"{i:02d}": ("train", True, True) for i in range(6)},
+    "06": ("train", True, False),
+    "07": ("train", False, True),
+    "08": ("val", True, True),
+    "09": ("val", False, True),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- stand-in store
+
+
+def synthetic_fmri(subject: int, tr: float, k: int, n_patches: int) -> torch.Tensor:
+    rng = np.random.default_rng(1000 + subject)
+    loadings = np.random.default_rng(0).normal(size=(N_ROIS, 3))  # shared network structure
+    times = np.arange(n_patches * k) * tr
+    freqs = np.array([0.02, 0.05, 0.09])
+    sources = np.cos(2 * np.pi * freqs[:, None] * times[None] + rng.uniform(0, 2 * np.pi, size=(3, 1)))
+    signal = loadings @ sources + 0.1 * rng.normal(size=(N_ROIS, times.size))  # (R, T)
+    x = torch.zeros(N_ROIS, MAX_PATCHES * k)
+    x[:, : times.size] = torch.tensor(signal / 1.7, dtype=torch.float32)
+    return x
+
+
+def synthetic_t1(subject: int) -> torch.Tensor:
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in VOLUME], indexing="ij"))  # (3, X, Y, Z)
+    template = np.exp(-4 * (grid**2).sum(0)) + 0.3 * np.sin(3 * grid[0]) * np.cos(2 * grid[1])
+    rng = np.random.default_rng(subject)
+    volume = template * (1 + 0.05 * rng.normal()) + 0.02 * rng.normal(size=VOLUME)
+    return torch.tensor(volume, dtype=torch.float32)[None]  # (1, X, Y, Z)
+
+
+def build_store(root: Path) -> Path:
+    fmri, t1 = [], []
+    for label, (split, has_fmri, has_t1) in SUBJECTS.items():
+        number = int(label)
+        if has_fmri:
+            for tr, k in ((0.735, 48), (1.47, 24)):
+                n_patches = 2 + (number + k) % 2
+                fmri.append({"x": synthetic_fmri(number, tr, k, n_patches),
+                             "patch_mask": torch.arange(MAX_PATCHES) < n_patches, "tr": tr, "k": k,
+                             "n_patches": n_patches, "sample_id": f"synth_sub-{label}_tr-{k}",
+                             "subject": label, "dataset": "synth", "split": split})
+        if has_t1:
+            t1.append({"t1": synthetic_t1(number), "subject": label, "dataset": "synth",
+                       "sample_id": f"synth_sub-{label}_T1w", "split": split})
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save({"fmri": fmri, "t1": t1}, root / "fake_store.pt")
+    return root
+
+
+class _Items(Dataset):
+    def __init__(self, store_dir: Path, split: str, modality: str) -> None:
+        items = torch.load(Path(store_dir) / "fake_store.pt", weights_only=False)[modality]
+        self.items = [{k: v for k, v in item.items() if k != "split"} for item in items if item["split"] == split]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def fake_collate_fmri(batch: list[dict]) -> dict:
+    length = max(item["x"].shape[1] for item in batch)
+    out = {"x": torch.stack([F.pad(item["x"], (0, length - item["x"].shape[1])) for item in batch]),
+           "patch_mask": torch.stack([item["patch_mask"] for item in batch]),
+           "tr": torch.tensor([item["tr"] for item in batch], dtype=torch.float32)}
+    for key in ("k", "n_patches"):
+        out[key] = torch.tensor([item[key] for item in batch], dtype=torch.int64)
+    for key in ("sample_id", "subject", "dataset"):
+        out[key] = [item[key] for item in batch]
+    return out
+
+
+def fake_paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
+    fmri = _Items(store_dir, split, "fmri").items
+    t1 = {item["subject"]: item["sample_id"] for item in _Items(store_dir, split, "t1").items}
+    rows = [(item["subject"], "synth", item["sample_id"], t1.get(item["subject"], pd.NA)) for item in fmri]
+    with_fmri = {item["subject"] for item in fmri}
+    rows += [(subject, "synth", pd.NA, sample) for subject, sample in t1.items() if subject not in with_fmri]
+    return pd.DataFrame(rows, columns=["subject", "dataset", "fmri_sample_id", "t1_sample_id"], dtype="string")
+
+
+@pytest.fixture(scope="module")
+def fake_store_module():
+    module = types.ModuleType("bh_models.store")
+    module.FmriShardDataset = functools.partial(_Items, modality="fmri")
+    module.T1ShardDataset = functools.partial(_Items, modality="t1")
+    module.collate_fmri = fake_collate_fmri
+    module.paired_samples = fake_paired_samples
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "bh_models.store", module)
+        yield module
+
+
+def write_geometry(path: Path, modes: int = 5, seed: int = 0) -> Path:
+    values = np.random.default_rng(seed).normal(size=(N_ROIS, modes))
+    table = pd.DataFrame(values, columns=[f"mode_{i + 1:03d}" for i in range(modes)])
+    table.insert(0, "name", [f"roi{i}" for i in range(N_ROIS)])
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+TRAIN = dict(model_size="tiny", steps=STEPS, batch_size=4, lr=2e-3, seed=0, checkpoint_every=10, threads=1)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, fake_store_module) -> dict:
+    """Run the three pretraining steps once for the module."""
+    root = tmp_path_factory.mktemp("pretrain")
+    store = build_store(root / "store")
+    geometry = write_geometry(root / "geometry.tsv")
+    out = {"root": root, "store": store, "geometry": geometry}
+    for name in ("fmri", "t1", "harmonizer"):
+        out[name] = {kind: root / name / f"{name}_{suffix}" for kind, suffix in
+                     (("out_checkpoint", "model.pt"), ("out_metrics", "metrics.tsv"), ("out_curve", "loss.png"))}
+    out["fmri_summary"] = pretrain.pretrain_fmri(store=store, geometry=geometry, **out["fmri"], **TRAIN)
+    # The MAE decoder's 4,096-voxel head needs a larger step to move within 40 steps.
+    out["t1_summary"] = pretrain.pretrain_t1(store=store, **out["t1"], **{**TRAIN, "lr": 1e-2})
+    out["harmonizer_summary"] = pretrain.pretrain_harmonizer(
+        fmri_checkpoint=out["fmri"]["out_checkpoint"], t1_checkpoint=out["t1"]["out_checkpoint"],
+        store=store, geometry=geometry, **out["harmonizer"], **TRAIN,
+    )
+    return out
+
+
+def loss_drop(metrics_path: Path, column: str = "loss") -> tuple[float, float]:
+    losses = pd.read_csv(metrics_path, sep="\t")[column]
+    return float(losses.iloc[:3].mean()), float(losses.iloc[-3:].mean())
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", ["fmri", "t1", "harmonizer"])
+def test_tiny_pretraining_lowers_the_loss_by_30_percent(pipeline: dict, name: str) -> None:
+    first, last = loss_drop(pipeline[name]["out_metrics"])
+    print(f"\n{name}: loss {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.0f} % lower) in {STEPS} steps")
+    assert last <= 0.7 * first
+    summary = pipeline[f"{name}_summary"]
+    assert summary["steps"] == STEPS and summary["resumed_from_step"] == 0
+    assert pipeline[name]["out_curve"].stat().st_size > 0
+    sidecar = read_json(sidecar_path(pipeline[name]["out_checkpoint"]))
+    assert sidecar["Steps"] == STEPS and sidecar["FinalLoss"] == pytest.approx(summary["final_loss"])
+
+
+def test_harmonizer_reconstructs_both_modalities(pipeline: dict) -> None:
+    for column in ("loss_s", "loss_f"):
+        first, last = loss_drop(pipeline["harmonizer"]["out_metrics"], column)
+        assert last <= 0.7 * first, column
+    config = load_checkpoint(pipeline["harmonizer"]["out_checkpoint"])["config"]["model"]
+    assert config["s_grid"] == (2, 2, 3) and config["n_rois"] == N_ROIS and config["include_unpaired"]
+
+
+def test_t1_grid_follows_the_store(pipeline: dict) -> None:
+    config = load_checkpoint(pipeline["t1"]["out_checkpoint"])["config"]["model"]
+    assert config["img_size"] == (32, 32, 48)  # 30 x 32 x 34 rounded up to multiples of 16
+
+
+def test_extract_embeddings_writes_subject_tables(pipeline: dict, tmp_path: Path) -> None:
+    outputs = {key: tmp_path / f"{key}.tsv" for key in ("out_embeddings", "out_fmri_embeddings", "out_t1_embeddings")}
+    summary = pretrain.extract_embeddings(
+        harmonizer_checkpoint=pipeline["harmonizer"]["out_checkpoint"],
+        fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
+        store=pipeline["store"], geometry=pipeline["geometry"], **outputs, threads=1,
+    )
+    hub = pd.read_csv(outputs["out_embeddings"], sep="\t", dtype={"subject": str})
+    fmri = pd.read_csv(outputs["out_fmri_embeddings"], sep="\t", dtype={"subject": str})
+    t1 = pd.read_csv(outputs["out_t1_embeddings"], sep="\t", dtype={"subject": str})
+    assert list(hub.columns[:3]) == ["dataset", "subject", "hub_000"] and hub.shape == (10, 2 + 64)
+    assert hub["subject"].tolist() == sorted(SUBJECTS)
+    assert fmri["subject"].tolist() == [s for s, (_, f, _) in SUBJECTS.items() if f]
+    assert t1["subject"].tolist() == [s for s, (_, _, t) in SUBJECTS.items() if t]
+    assert np.isfinite(hub.iloc[:, 2:].to_numpy()).all()
+    assert summary["hub_subjects"] == 10 and summary["hub_width"] == 64
+    # Subjects differ; a rerun writes the same bytes.
+    assert hub.iloc[:, 2:].std(axis=0).max() > 0
+    again = {key: tmp_path / "again" / path.name for key, path in outputs.items()}
+    pretrain.extract_embeddings(
+        harmonizer_checkpoint=pipeline["harmonizer"]["out_checkpoint"],
+        fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
+        store=pipeline["store"], geometry=pipeline["geometry"], **again, threads=1,
+    )
+    for key in outputs:
+        assert outputs[key].read_bytes() == again[key].read_bytes()
+
+
+def test_rerun_after_a_kill_resumes_to_identical_weights(pipeline: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = {kind: tmp_path / f"fmri_{suffix}" for kind, suffix in
+               (("out_checkpoint", "model.pt"), ("out_metrics", "metrics.tsv"), ("out_curve", "loss.png"))}
+    kwargs = dict(store=pipeline["store"], geometry=pipeline["geometry"], **outputs, **TRAIN)
+    # First attempt dies after step 25 (last checkpoint: step 20) without writing outputs.
+    monkeypatch.setattr(pretrain, "train", functools.partial(train_module.train, stop_after=25))
+    pretrain.pretrain_fmri(**kwargs)
+    assert resume_path(outputs["out_checkpoint"]).exists() and not outputs["out_checkpoint"].exists()
+    monkeypatch.setattr(pretrain, "train", train_module.train)
+    summary = pretrain.pretrain_fmri(**kwargs)
+    assert summary["resumed_from_step"] == 20
+    resumed = load_checkpoint(outputs["out_checkpoint"])["model"]
+    reference = load_checkpoint(pipeline["fmri"]["out_checkpoint"])["model"]
+    assert all(torch.equal(resumed[key], reference[key]) for key in reference)
+
+
+def test_harmonizer_refuses_a_different_geometry(pipeline: dict, tmp_path: Path) -> None:
+    other = write_geometry(tmp_path / "other.tsv", seed=1)
+    with pytest.raises(BHInputError, match="geometry"):
+        pretrain.pretrain_harmonizer(
+            fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
+            store=pipeline["store"], geometry=other, out_checkpoint=tmp_path / "h.pt",
+            out_metrics=tmp_path / "h.tsv", out_curve=tmp_path / "h.png", steps=1, batch_size=2, lr=1e-3, seed=0,
+            checkpoint_every=1,
+        )
+
+
+def test_geometry_rows_must_match_the_store(fake_store_module, tmp_path: Path) -> None:
+    store = build_store(tmp_path / "store")
+    geometry = tmp_path / "geometry.tsv"
+    write_geometry(geometry)
+    table = pd.read_csv(geometry, sep="\t").iloc[:-1]
+    table.to_csv(geometry, sep="\t", index=False)
+    with pytest.raises(BHInputError, match="ROI rows"):
+        pretrain.pretrain_fmri(store=store, geometry=geometry, out_checkpoint=tmp_path / "f.pt",
+                               out_metrics=tmp_path / "f.tsv", out_curve=tmp_path / "f.png",
+                               steps=1, batch_size=2, lr=1e-3, seed=0, checkpoint_every=1)
