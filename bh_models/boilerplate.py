@@ -233,6 +233,13 @@ CITATIONS: tuple[Citation, ...] = (
         "characterization of brain morphology. NeuroImage. 2015;109:232-248. "
         "doi:10.1016/j.neuroimage.2015.01.032",
     ),
+    Citation(
+        "Winkler",
+        "2014",
+        "Winkler AM, Ridgway GR, Webster MA, Smith SM, Nichols TE. Permutation inference for "
+        "the general linear model. NeuroImage. 2014;92:381-397. "
+        "doi:10.1016/j.neuroimage.2014.01.060",
+    ),
 )
 
 _ANY_CITATION = re.compile(r"\b([A-Z][A-Za-zÀ-ÿ'-]+) et al\.?,?\s*\(?((?:19|20)\d\d)")

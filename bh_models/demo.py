@@ -1,6 +1,7 @@
 """Demo cohort: two small synthetic BIDS "sites" with known ground truth.
 
-``write_demo_cohort(out_dir)`` (CLI: ``bh demo OUT_DIR``) writes::
+``write_demo_cohort(out_dir)`` (CLI: ``bh demo OUT_DIR``) writes, with 8
+subjects per site by default (``subjects_per_site``)::
 
     out_dir/siteA/            BIDS, TR 0.735 s, 160 volumes per run
     out_dir/siteB/            BIDS, TR 2.0 s, 100 volumes per run
@@ -55,8 +56,8 @@ BOLD
     An EPI-like baseline in MNI space (``0.75 WM + 1.0 GM + 1.6 CSF``, bright
     CSF shell, dark bone and scalp, Gaussian blur 1.2 mm; dilated ventricles as
     in the T1w) carries each parcel's series in its atlas voxels:
-    ``I(x, t) = E(x) (1 + pct_label(x)(t) / 100)``. Each 3 mm voxel of the
-    scanner-aligned BOLD grid averages 27 sub-samples of this image taken
+    ``I(x, t) = E(x) (1 + pct_label(x)(t) / 100)``. Each 4 mm voxel of the
+    scanner-aligned BOLD grid averages 64 sub-samples (4 x 4 x 4, 1 mm apart) of this image taken
     through the same MNI -> scanner affine as the T1w (a box point-spread
     function), so BOLD and T1w share one subject space. Head motion is a smooth
     rigid displacement ``u(x, t) = tau(t) + omega(t) x (x - 0)`` about the
@@ -97,7 +98,7 @@ from scipy import ndimage, sparse
 
 from bh_models import __version__
 from bh_models.errors import BHConfigError, BHInputError
-from bh_models.jsonio import atomic_write_text, read_json, write_json
+from bh_models.jsonio import dumps, read_json
 from bh_models.templates import (
     atlas_in_template_space,
     atlas_labels,
@@ -123,7 +124,8 @@ BAND_HZ = (0.01, 0.1)         # resting-state band of the true series
 MOTION_MAX_MM = 0.3           # ceiling of any voxel's displacement in any volume
 BOLD_NOISE = 0.015            # noise sd as a fraction of the mean brain baseline
 T1_NOISE = 0.02               # Rician sigma as a fraction of white matter intensity
-BOLD_VOXEL_MM = 3.0
+BOLD_VOXEL_MM = 4.0           # coarse on purpose: small files, fast downstream demo
+DEFAULT_SUBJECTS_PER_SITE = 8
 T1_VOXEL_MM = 1.0
 MAX_HEAD_SCALE = 1.2          # largest per-subject scaling of the head shells
 MIN_HEAD_SCALE = 0.85
@@ -605,13 +607,18 @@ def _bold_geometry(*, ref: _Reference, latents: SubjectLatents) -> _BoldGeometry
     def nearest(points: np.ndarray) -> np.ndarray:
         return np.clip(np.rint(points).astype(np.int64), 0, upper) @ strides   # flat template index
 
-    # Only voxels near the head can see EPI signal (profile ends at 2.8 mm, + blur + half a voxel).
-    candidate = np.flatnonzero(head_distance[nearest(centres_in_template)] < 8.0)
+    # Only voxels near the head can see EPI signal: the profile ends at 2.8 mm and
+    # the 1.2 mm blur falls below the support threshold ~3 mm further out; add
+    # the reach of the sub-samples (half a voxel diagonal) and a 1 mm margin.
+    reach = 2.8 + 3.2 + 0.5 * math.sqrt(3) * BOLD_VOXEL_MM + 1.0
+    candidate = np.flatnonzero(head_distance[nearest(centres_in_template)] < reach)
     centres_in_template = centres_in_template[candidate]
     base = np.zeros(candidate.size)
     rows, cols, vals = [], [], []
-    # Box point-spread function: 27 sub-samples, 1 mm apart, per 3 mm voxel.
-    offsets = np.stack(np.meshgrid(*[[-1.0, 0.0, 1.0]] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    # Box point-spread function: n^3 sub-samples 1 mm apart, centred in the voxel.
+    n_sub = max(1, int(round(BOLD_VOXEL_MM / T1_VOXEL_MM)))
+    axis = (np.arange(n_sub) - (n_sub - 1) / 2) * (BOLD_VOXEL_MM / n_sub)
+    offsets = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
     for offset in offsets:
         flat = nearest(centres_in_template + to_template[:3, :3] @ offset)
         value = epi[flat] / len(offsets)
@@ -708,6 +715,11 @@ def _write_nifti_gz(path: Path, img: nib.Nifti1Image) -> None:
     _atomic_write_bytes(path, compressor.compress(raw) + compressor.flush())
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    """Deterministic JSON (``jsonio.dumps``), world-readable like the other demo files."""
+    _atomic_write_bytes(path, dumps(obj).encode())
+
+
 def _write_tsv(path: Path, table: pd.DataFrame) -> None:
     buffer = io.StringIO()
     table.to_csv(buffer, sep="\t", index=False, float_format="%.6g", lineterminator="\n")
@@ -799,7 +811,7 @@ def _cohort_latents(*, seed: int, subjects_per_site: int) -> dict[str, list[Subj
 
 
 def _write_site_metadata(*, bids: Path, site: SiteSpec, subjects: list[SubjectLatents], seed: int) -> None:
-    write_json(bids / "dataset_description.json", {
+    _write_json(bids / "dataset_description.json", {
         "Name": f"bh_models demo cohort {site.name}",
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
@@ -808,7 +820,7 @@ def _write_site_metadata(*, bids: Path, site: SiteSpec, subjects: list[SubjectLa
         "GeneratedBy": [{"Name": GENERATOR_NAME, "Version": __version__,
                          "Description": f"synthetic cohort, seed {seed}"}],
     })
-    write_json(bids / f"task-{TASK}_bold.json", {
+    _write_json(bids / f"task-{TASK}_bold.json", {
         "TaskName": TASK, "RepetitionTime": site.repetition_time,
         "MagneticFieldStrength": site.field_strength, "Manufacturer": "bh_models synthetic",
     })
@@ -819,7 +831,7 @@ def _write_site_metadata(*, bids: Path, site: SiteSpec, subjects: list[SubjectLa
         "diagnosis": s.diagnosis, "score": s.score,
     } for s in subjects])
     _write_tsv(bids / "participants.tsv", participants)
-    write_json(bids / "participants.json", PARTICIPANTS_JSON)
+    _write_json(bids / "participants.json", PARTICIPANTS_JSON)
 
 
 @dataclass(frozen=True)
@@ -852,7 +864,7 @@ def _write_subject(job: _SubjectJob) -> list[dict[str, str]]:
         bold, motion = _synthesize_bold(geometry=geometry, series_pct=series, site=site, rng=rng)
         bold_path = subject_dir / "func" / f"{stem}_bold.nii.gz"
         _write_nifti_gz(bold_path, bold)
-        write_json(
+        _write_json(
             subject_dir / "func" / f"{stem}_bold.json",
             {"TaskName": TASK, "EchoTime": site.echo_time, "FlipAngle": site.flip_angle},
         )
@@ -897,7 +909,9 @@ def _map_subjects(jobs: list[_SubjectJob]) -> list[list[dict[str, str]]]:
         return list(progress(pool.map(_write_subject, jobs)))
 
 
-def write_demo_cohort(out_dir: Path, *, seed: int = 0, subjects_per_site: int = 10) -> dict:
+def write_demo_cohort(
+    out_dir: Path, *, seed: int = 0, subjects_per_site: int = DEFAULT_SUBJECTS_PER_SITE
+) -> dict:
     """Write the two-site demo cohort (BIDS) and its ground truth under ``out_dir``.
 
     Parameters
@@ -974,7 +988,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path, help="destination folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--subjects-per-site", type=int, default=10, help="subjects per site (default 10)")
+    parser.add_argument(
+        "--subjects-per-site", type=int, default=DEFAULT_SUBJECTS_PER_SITE,
+        help=f"subjects per site (default {DEFAULT_SUBJECTS_PER_SITE})",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     summary = write_demo_cohort(args.out_dir, seed=args.seed, subjects_per_site=args.subjects_per_site)

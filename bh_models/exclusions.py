@@ -139,3 +139,26 @@ def exclusion_table(*, results_dir: Path, out_tsv: Path | None = None) -> pd.Dat
     if out_tsv is not None:
         atomic_write_text(Path(out_tsv), table.to_csv(sep="\t", index=False))
     return table
+
+
+def failed_subjects(*, results_dir: Path) -> dict[str, set[str]]:
+    """Subjects with an exclusion record, per dataset: the cohort plan leaves them out.
+
+    A rerun of the same command then completes every cohort-level step
+    without them; deleting a subject's records (after fixing its data)
+    brings it back.
+    """
+    root = Path(results_dir) / EXCLUSIONS_DIRNAME
+    failed: dict[str, set[str]] = {}
+    if root.is_dir():
+        for path in sorted(root.glob("*/*/[!.]*.json")):
+            record = read_json(path)
+            failed.setdefault(record["dataset"], set()).add(record["subject"])
+    return failed
+
+
+def write_exclusion_table(*, results_dir: Path, out_tsv: Path, threads: int = 1) -> dict[str, int]:
+    """Step function: the cohort's exclusion table (header only when nobody failed)."""
+    del threads
+    table = exclusion_table(results_dir=Path(results_dir), out_tsv=Path(out_tsv))
+    return {"n_records": int(len(table)), "n_subjects": int(table[["dataset", "subject"]].drop_duplicates().shape[0])}

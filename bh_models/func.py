@@ -274,7 +274,7 @@ def preprocess_bold(
             atlas_rows = np.arange(len(targets))
         reference_points = map_points(
             points=grid_points(indices=targets.astype(np.float64), affine=atlas.affine),
-            transforms=[coreg, Path(t1w_to_mni)],
+            transforms=[Path(t1w_to_mni), coreg],  # W first, then C (ANTs list order)
         )
         series, in_view = resample_bold(
             bold=data, affine=img.affine, motion=motion.matrices, reference_points=reference_points

@@ -508,3 +508,46 @@ def write_dataset_description(
     if dataset_links:
         content["DatasetLinks"] = dict(dataset_links)
     return write_json(path, content)
+
+
+def code_url() -> str:
+    """GeneratedBy.CodeURL: the checkout's ``origin`` remote, else its local path."""
+    repo = find_code_repository()
+    if repo is None:
+        return "unknown"
+    return _git(repo, "remote", "get-url", "origin") or repo.resolve().as_uri()
+
+
+def derivative_description(
+    *, source: Path, out_description: Path, name: str, dataset: str, threads: int = 1
+) -> dict[str, Any]:
+    """Step function: ``dataset_description.json`` of one derivative dataset.
+
+    Parameters
+    ----------
+    source : Path
+        The raw dataset's ``dataset_description.json`` (checked readable).
+    out_description : Path
+        ``<results>/derivatives/<name>/<dataset>/dataset_description.json``.
+    name : str
+        Derivative pipeline name, e.g. ``"bh-preproc"``.
+    dataset : str
+        Raw dataset name from the config; the source is linked as ``bids:<dataset>``.
+    """
+    del threads
+    from bh_models.errors import BHInputError
+
+    try:
+        raw = json.loads(Path(source).read_text())
+    except (OSError, ValueError) as err:
+        raise BHInputError(source, f"is not readable JSON ({err})",
+                           "write a valid BIDS dataset_description.json at the dataset root") from err
+    link = portable_path(path=Path(source).parent, workdir=Path.cwd())
+    write_dataset_description(
+        path=Path(out_description), name=f"{name} ({raw.get('Name', dataset)})",
+        source_datasets=[f"bids:{dataset}"], pipeline_version=bh_models.__version__, code_url=code_url(),
+        description="Brain Harmony preprocessing: skull-stripping, N4, MNI registration, "
+                    "Schaefer-400 parcel time series",
+        dataset_links={dataset: link},
+    )
+    return {"dataset": dataset}

@@ -8,7 +8,10 @@ where ``W`` is the anatomical T1w -> MNI composite transform (an ANTs ``.h5``,
 affine + SyN field; as a point map it takes template points to T1w points),
 ``C`` the rigid BOLD -> T1w coregistration (as a point map, T1w points to
 BOLD-reference points) and ``M_t`` the rigid head motion (reference to volume
-``t``, :mod:`bh_models.motion`). ``C(W(y))`` does not depend on ``t``: it is
+``t``, :mod:`bh_models.motion`). Per volume this is exactly
+``ants.apply_transforms(fixed=mni, moving=volume_t, transformlist=[W, C, M_t])``
+(ANTs applies the first listed transform first to the fixed-grid points).
+``C(W(y))`` does not depend on ``t``: it is
 computed once for all target voxels with ``ants.apply_transforms_to_points``;
 the per-volume rigid ``M_t`` is a 4x4 product; then every volume is
 interpolated (trilinear) at its own coordinates in one batched
@@ -122,10 +125,16 @@ def map_points(*, points: np.ndarray, transforms: list[Path]) -> np.ndarray:
     points : np.ndarray
         (N, 3) RAS+ world points (mm).
     transforms : list of Path
-        ANTs transform files in ``antsApplyTransforms`` order: the **last** is
-        applied first, none inverted. ``[bold_from_t1, t1_from_mni]`` takes MNI
-        points to BOLD-reference points, the same list that would resample the
-        BOLD reference onto the MNI grid.
+        ANTs transform files, none inverted, in the order ``ants.apply_transforms``
+        takes them to resample a moving image onto a fixed grid: as point maps
+        the **first** is applied first to the (fixed-grid) points.
+        ``[t1w_to_mni, bold_from_t1w]`` (the anatomical forward composite, a
+        point map MNI -> T1w, then the coregistration, T1w -> BOLD) takes MNI
+        points to BOLD-reference points, the same list that resamples the BOLD
+        reference onto the MNI grid (fMRIPrep's order). The often quoted
+        "the last transform is applied first" describes the moving *image*,
+        not the points (checked against ``ants.apply_transforms`` in
+        tests/test_resample.py).
 
     Returns
     -------

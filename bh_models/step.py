@@ -68,6 +68,32 @@ def _coerce_paths(named: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ([Path(x) for x in v] if isinstance(v, list) else Path(v)) for k, v in named.items()}
 
 
+#: Named inputs/outputs with this prefix are declared for Snakemake and hashed into
+#: provenance, but not passed to the step function (sidecars the step writes next
+#: to its outputs, or the files inside a folder given to it as a param).
+DEPENDENCY_PREFIX = "dep_"
+
+
+def _passed(named: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in named.items() if not k.startswith(DEPENDENCY_PREFIX)}
+
+
+def with_sidecars(outputs: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Declared outputs plus the JSON sidecars the step wrote beside them.
+
+    Steps write a sidecar next to most data files; recording them keeps the
+    audit from calling them orphans without declaring each one in the rules.
+    """
+    from bh_models.jsonio import sidecar_path
+
+    declared = {os.path.normpath(p) for paths in outputs.values() for p in paths}
+    extra = sorted({
+        os.path.normpath(sidecar_path(p)) for paths in outputs.values() for p in paths
+        if os.path.isfile(p) and sidecar_path(p).is_file()
+    } - declared)
+    return {**outputs, **({"sidecars": extra} if extra else {})}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -108,7 +134,7 @@ def run_job(
     log.info("rule %s %s: %s", rule, dict(wildcards), step)
     try:
         func = resolve(step)
-        result = func(**_coerce_paths(inputs), **_coerce_paths(outputs), **params, threads=threads)
+        result = func(**_coerce_paths(_passed(inputs)), **_coerce_paths(_passed(outputs)), **params, threads=threads)
     except BHInputError as exc:
         log.error("bad input, subject excluded from this step: %s", exc)
         from bh_models.exclusions import write_exclusion
@@ -120,11 +146,13 @@ def run_job(
         log.error("step %s failed:\n%s", step, traceback.format_exc())
         raise
     log.info("done in %.1f s", time.perf_counter() - t0)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result  # under torchrun, only rank 0 records
     from bh_models.provenance import record_job
 
     record_job(
         results_dir=results_dir, rule=rule, wildcards=dict(wildcards),
-        inputs=_as_lists(inputs), outputs=_as_lists(outputs), params=dict(params),
+        inputs=_as_lists(inputs), outputs=with_sidecars(_as_lists(outputs)), params=dict(params),
         config=dict(config), seed=params.get("seed", config.get("seed")),
         started=started, finished=_now(), log=log_file,
         bids_roots={name: entry["bids_root"] for name, entry in config.get("datasets", {}).items()},
@@ -133,11 +161,53 @@ def run_job(
 
 
 def run_snakemake_job(smk: Any) -> Any:
-    """Entry point for ``script:`` directives (``smk`` is Snakemake's object)."""
+    """Entry point for ``script:`` directives (``smk`` is Snakemake's object).
+
+    A job that got more than one GPU (``resources: gpu``) runs under
+    ``torchrun --standalone``, one process per GPU; every process calls the
+    same step function, which reads torchrun's environment (DDP).
+    """
     params = dict(smk.params.items())
     step = params.pop("step")
-    return run_job(
+    nproc = int(getattr(smk.resources, "gpu", 0) or 0)
+    job = dict(
         step=step, rule=smk.rule, inputs=_named(smk.input), outputs=_named(smk.output),
-        params=params, wildcards=dict(smk.wildcards.items()), config=smk.config,
+        params=params, wildcards=dict(smk.wildcards.items()), config=dict(smk.config),
         threads=smk.threads, log_file=str(smk.log[0]) if len(smk.log) else None,
     )
+    if nproc > 1:
+        return run_under_torchrun(job, nproc=nproc)
+    return run_job(**job)
+
+
+def run_under_torchrun(job: Mapping[str, Any], *, nproc: int) -> None:
+    """Run one job as ``nproc`` torchrun processes (DDP); the job spec travels as JSON."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(job, fh, default=str)
+    try:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={nproc}", "-m", "bh_models.step", fh.name], check=True)
+    finally:
+        os.unlink(fh.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bh_models.step JOB.json``: one process of a torchrun job."""
+    import json
+
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as fh:
+        job = json.load(fh)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and job.get("log_file"):
+        job["log_file"] = f"{job['log_file']}.rank{rank}"
+    run_job(**job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,23 @@ validate(config, "../workflow/schemas/config.schema.yaml")
 
 RESULTS = config["results_dir"]
 PREPROC = f"{RESULTS}/derivatives/bh-preproc"
+GEOMETRY = f"{RESULTS}/derivatives/bh-geometry"
+STORE = f"{RESULTS}/store"
+MODELS = f"{RESULTS}/models"
+EVAL = f"{RESULTS}/evaluation"
+QC = f"{RESULTS}/qc"
 STEP = "../workflow/scripts/step.py"
+ENV = "../envs/bh.yaml"
+SEED = config["seed"]
+
+# Named pieces of BIDS-derivatives file names.
+SPACE = config["template"]["name"]
+RES = config["template"]["resolution"]
+NETWORKS = config["atlas"]["networks"]
+ATLAS = f"atlas-Schaefer2018_seg-{{networks}}n_scale-{config['atlas']['parcels']}"
+SURFACE = "tpl-fsLR_den-32k"
+# The 400 x M eigenmode matrix in the configured network order (harmonix-F input).
+GEOMETRY_MATRIX = f"{GEOMETRY}/{SURFACE}_{ATLAS.format(networks=NETWORKS)}_desc-LBO_embedding.tsv"
 
 try:
     COHORT = plan_cohort(config, failed=failed_subjects(results_dir=Path(RESULTS)))
@@ -50,6 +66,15 @@ def func_path(name):
     return f"{PREPROC}/{{dataset}}/sub-{{subject}}/func/{{bold}}_{name}"
 
 
+def figure_path(name):
+    """Per-subject QC figure (fMRIPrep-style sub-<label>/figures/ folder)."""
+    return f"{PREPROC}/{{dataset}}/sub-{{subject}}/figures/{name}"
+
+
+def caption(name):
+    return f"../workflow/report/{name}.rst"
+
+
 def dataset_entry(wildcards):
     return config["datasets"][wildcards.dataset]
 
@@ -58,9 +83,55 @@ def bids_file(wildcards, name):
     return str(COHORT[wildcards.dataset].bids_root / name)
 
 
-def all_targets():
-    targets = []
+def bold_entry(wildcards):
+    return COHORT[wildcards.dataset].bold[wildcards.bold]
+
+
+def participants_tsv(wildcards):
+    """``{"participants": path}`` when the dataset has a participants.tsv (for ``unpack``)."""
+    path = COHORT[wildcards.dataset].bids_root / "participants.tsv"
+    return {"participants": str(path)} if path.is_file() else {}
+
+
+def per_subject(output, dataset):
+    """One anat output for every T1w subject of a dataset."""
+    return expand(output, dataset=dataset, subject=COHORT[dataset].anat_subjects)
+
+
+def per_run(output, dataset):
+    """One func output for every BOLD run of a dataset."""
+    plan = COHORT[dataset]
+    stems = plan.bold_stems
+    return expand(output, zip, dataset=[dataset] * len(stems),
+                  subject=[plan.bold[stem]["subject"] for stem in stems], bold=stems)
+
+
+def training(model):
+    """Keyword arguments of one model's pretraining job, from config.pretrain."""
+    settings = config["pretrain"]
+    overrides = {"n_hub": settings["hub_tokens"]} if model == "harmonizer" and settings["hub_tokens"] else {}
+    return dict(model_size=settings["model_size"], seed=SEED, model_overrides=overrides,
+                **settings[model])
+
+
+def gpus():
+    return config["pretrain"]["gpus"]
+
+
+def final_targets():
+    """Every end product except the audit, which checks them all."""
+    targets = [rules.geometry_plot.output.out_figure,
+               *expand(rules.geometry_project.output, networks=[7, 17]),
+               *rules.boilerplate.output, rules.exclusion_table.output.out_tsv,
+               *rules.extract_embeddings.output]
     for dataset in DATASETS:
-        targets += expand(rules.index_dataset.output, dataset=dataset)
-        targets.append(f"{PREPROC}/{dataset}/dataset_description.json")
+        targets += expand([*rules.index_dataset.output, rules.dataset_description.output.out_description,
+                           rules.anat_qc_table.output.out_table, rules.func_qc_table.output.out_table],
+                          dataset=dataset)
+        if config["datasets"][dataset]["targets"]:
+            targets += expand(rules.evaluate_dataset.output, dataset=dataset)
     return targets
+
+
+def all_targets():
+    return final_targets() + [*rules.audit.output]

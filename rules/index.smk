@@ -22,6 +22,8 @@ rule index_dataset:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        ENV
     script:
         STEP
 
@@ -34,11 +36,14 @@ rule dataset_description:
     params:
         step="bh_models.provenance:derivative_description",
         name="bh-preproc",
+        dataset=lambda w: w.dataset,
     log:
         log_path("dataset_description", "{dataset}"),
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
+    conda:
+        ENV
     script:
         STEP

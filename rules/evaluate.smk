@@ -1,0 +1,40 @@
+# Downstream evaluation per dataset: linear probes on the frozen embeddings
+# (fused hub tokens, harmonix-F, harmonix-S), the FC baseline and chance, on
+# shared folds, with permutation tests.
+
+
+rule evaluate_dataset:
+    input:
+        fused=rules.extract_embeddings.output.out_embeddings,
+        fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
+        t1_only=rules.extract_embeddings.output.out_t1_embeddings,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        participants=lambda w: bids_file(w, "participants.tsv"),
+    output:
+        out_results=report(f"{EVAL}/{{dataset}}_desc-probe_results.tsv", caption=caption("eval_results"),
+                           category="Evaluation", labels={"dataset": "{dataset}", "item": "results table"}),
+        out_predictions=f"{EVAL}/{{dataset}}_desc-probe_predictions.tsv",
+        out_figure_metrics=report(f"{EVAL}/{{dataset}}_desc-probe_metrics.png", caption=caption("eval_metrics"),
+                                  category="Evaluation", labels={"dataset": "{dataset}", "item": "metrics"}),
+        out_figure_roc=report(f"{EVAL}/{{dataset}}_desc-probe_roc.png", caption=caption("eval_roc"),
+                              category="Evaluation", labels={"dataset": "{dataset}", "item": "ROC curves"}),
+        out_figure_scatter=report(f"{EVAL}/{{dataset}}_desc-probe_scatter.png", caption=caption("eval_scatter"),
+                                  category="Evaluation", labels={"dataset": "{dataset}", "item": "regression"}),
+    params:
+        step="bh_models.evaluate:evaluate_dataset",
+        dataset=lambda w: w.dataset,
+        tasks=lambda w: dataset_entry(w)["targets"],
+        n_folds=config["evaluate"]["n_folds"],
+        n_repeats=config["evaluate"]["n_repeats"],
+        n_permutations=config["evaluate"]["n_permutations"],
+        seed=SEED,
+    log:
+        log_path("evaluate_dataset", "{dataset}"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        ENV
+    script:
+        STEP

@@ -1,0 +1,64 @@
+# Functional chain, one job per rest BOLD run: motion, coregistration, one-shot
+# resampling to MNI, Schaefer-400 parcellation, confound cleaning. Then a cohort table.
+
+
+rule func_preprocess:
+    input:
+        bold=lambda w: bold_entry(w)["path"],
+        t1w=rules.anat_preprocess.output.out_t1w,
+        t1w_mask=rules.anat_preprocess.output.out_mask,
+        t1w_to_mni=rules.anat_preprocess.output.out_forward,
+        mni_mask=rules.anat_preprocess.output.out_mni_mask,
+    output:
+        out_timeseries=func_path(f"space-{SPACE}_{ATLAS.format(networks=NETWORKS)}_timeseries.tsv"),
+        dep_sidecar=func_path(f"space-{SPACE}_{ATLAS.format(networks=NETWORKS)}_timeseries.json"),
+        out_confounds=func_path("desc-confounds_timeseries.tsv"),
+        out_carpet=report(f"{PREPROC}/{{dataset}}/sub-{{subject}}/figures/{{bold}}_desc-carpet_bold.png",
+                          caption=caption("func_carpet"), category="Functional", subcategory="{dataset}",
+                          labels={"run": "{bold}", "figure": "carpet and FD"}),
+    params:
+        step="bh_models.func:preprocess_bold",
+        tr_sidecar=lambda w: bold_entry(w)["tr"],
+        tr_override=lambda w: dataset_entry(w)["tr_override"],
+        resolution=RES,
+        networks=NETWORKS,
+        min_volumes=config["func"]["min_volumes"],
+        detrend=config["func"]["detrend"],
+        high_pass=config["func"]["high_pass"],
+        low_pass=config["func"]["low_pass"],
+        motion_regressors=config["func"]["motion_regressors"],
+        fd_threshold=config["func"]["fd_threshold"],
+        standardize=config["func"]["standardize"],
+        seed=SEED,
+    log:
+        log_path("func_preprocess", "{dataset}", "sub-{subject}", "{bold}"),
+    group:
+        "preproc"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule func_qc_table:
+    input:
+        sidecars=lambda w: per_run(rules.func_preprocess.output.dep_sidecar, w.dataset),
+    output:
+        out_table=report(f"{QC}/{{dataset}}_desc-func_qc.tsv", caption=caption("func_qc_table"),
+                         category="Cohort QC", labels={"dataset": "{dataset}", "table": "functional"}),
+    params:
+        step="bh_models.func:func_qc_table",
+    log:
+        log_path("func_qc_table", "{dataset}"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        STEP
