@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,19 +46,23 @@ rule c:
 """
 
 
+# Runs the command in a fresh interpreter and prints its peak RSS (KiB) last: the
+# peak of *this* snakemake process tree only, not of every child this script ran.
+_PEAK = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+         "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+
+
 def run_dry(cmd: list[str], cwd: Path) -> tuple[float, float, int, str]:
-    """Wall seconds, peak RSS (MB) of the child, number of jobs, tail of output."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Wall seconds, peak RSS (MB) of the planning process, number of jobs, tail of output."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _PEAK, *cmd], cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = proc.stdout + proc.stderr
     match = re.search(r"^total\s+(\d+)", out, re.MULTILINE)
-    # ru_maxrss of children is the max over all children so far: measure in order of size.
-    return elapsed, max(peak, before) / 1024, int(match.group(1)) if match else -1, out[-400:]
+    peak_kb = int(re.search(r"PEAK_KB (\d+)", out).group(1))
+    return elapsed, peak_kb / 1024, int(match.group(1)) if match else -1, out[-400:]
 
 
 def main() -> None:
@@ -86,7 +89,8 @@ def main() -> None:
             (work / "Plain.smk").write_text(PLAIN_SNAKEFILE)
             cmd = [snakemake, "-n", "--quiet", "rules", "-s", "Plain.smk", "--config", f"root={root}", "--cores", "1"]
             base_wall, base_rss, base_jobs, _ = run_dry(cmd, work)
-            print(f"{n:>6} subjects: plain 3-rule Snakefile {base_wall:6.1f} s, {base_jobs} jobs "
+            print(f"{n:>6} subjects: plain 3-rule Snakefile {base_wall:6.1f} s, peak RSS {base_rss:7.0f} MB, "
+                  f"{base_jobs} jobs "
                   f"-> workflow/plain time ratio {wall / base_wall:.2f}")
 
 

@@ -15,6 +15,9 @@ Two figures, each from one run:
    boolean mask against ``softmax(QK^T / sqrt(d)) V`` materialised, forward and
    forward + backward, same inputs, each in its own subprocess for memory; the
    outputs are checked equal on a shorter sequence first.
+3. Parameter counts of the full (``base``, paper-scale) configs: total,
+   trainable (harmonix-F's EMA target encoder is not trained) and per top-level
+   sub-module. Built on CPU in a subprocess; nothing is run.
 
     python benchmarks/bench_models.py --threads 2
 """
@@ -110,6 +113,32 @@ def run_model(name: str, steps: int, batch_size: int) -> dict:
             "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
+def base_parameter_counts() -> list[dict]:
+    """Parameters of each full-size config (the paper's ViT-B scale)."""
+    from bh_models.nn.configs import model_config
+    from bh_models.nn.harmonix_f import HarmonixF
+    from bh_models.nn.harmonix_s import HarmonixS
+    from bh_models.nn.harmonizer import Harmonizer
+
+    builders = {
+        "harmonix_f": lambda c: HarmonixF(c, torch.zeros(c.n_rois, c.geometry_dim)),
+        "harmonix_s": HarmonixS,
+        "harmonizer": Harmonizer,
+    }
+    rows = []
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        model = build(model_config(model=name, size="base"))
+        rows.append({
+            "model": name,
+            "total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "children": {n: sum(p.numel() for p in c.parameters()) for n, c in model.named_children()},
+        })
+        del model
+    return rows
+
+
 def attention_inputs(tokens: int, heads: int, head_dim: int, backward: bool) -> tuple:
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, tokens, head_dim, generator=generator).requires_grad_(backward)
@@ -155,6 +184,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention heads (head width 64)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--param-counts", action="store_true", help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--one-model")
     parser.add_argument("--one-attention", nargs=2, metavar=("KIND", "BACKWARD"))
     args = parser.parse_args()
@@ -165,6 +196,9 @@ def main() -> None:
     if args.one_attention:
         kind, backward = args.one_attention
         print(json.dumps(run_attention(kind, FULL_TOKENS, args.heads, 64, backward == "1", args.repeats)))
+        return
+    if args.param_counts:
+        print(json.dumps(base_parameter_counts()))
         return
 
     common = ["--threads", str(args.threads), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -178,6 +212,16 @@ def main() -> None:
             print(f"{name:<12} {r['parameters']:>9,} {r['steps_per_s']:>8.2f} {r['s_per_step']:>7.2f} "
                   f"{r['peak_rss_mb']:>12.0f} {r['peak_increase_mb']:>12.0f}")
 
+    if not args.skip_attention:
+        attention_section(args, common)
+    print("\n3. Full (base) configs, parameters")
+    print(f"{'model':<12} {'total':>13} {'trainable':>13}  sub-modules")
+    for r in child(["--param-counts"]):
+        parts = ", ".join(f"{n} {c:,}" for n, c in r["children"].items() if c)
+        print(f"{r['model']:<12} {r['total']:>13,} {r['trainable']:>13,}  {parts}")
+
+
+def attention_section(args: argparse.Namespace, common: list[str]) -> None:
     # Correctness first, on a sequence short enough for both.
     q, k, v, key_mask = attention_inputs(1024, 2, 64, backward=False)
     reference = naive_attention(q, k, v, key_mask)

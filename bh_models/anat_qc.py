@@ -48,7 +48,7 @@ def _take(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 def _window(image: np.ndarray, where: np.ndarray) -> tuple[float, float]:
     values = image[where] if where.any() else image.ravel()
-    lo, hi = np.percentile(values, [0.5, 99.5])
+    lo, hi = np.percentile(values, [2, 99.5])
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
@@ -123,16 +123,25 @@ def plot_mask_contour(*, image: nib.Nifti1Image, mask: nib.Nifti1Image, title: s
                    title=title, out_png=out_png)
 
 
-def template_edges(template: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
-    """Smoothed template and the level of its white-matter boundary (Otsu inside the mask)."""
-    smooth = ndimage.gaussian_filter(template.astype(np.float32), 0.7)
-    values = smooth[mask]
-    hist, edges = np.histogram(values, 128)
+def _otsu(values: np.ndarray, bins: int = 128) -> float:
+    hist, edges = np.histogram(values, bins)
     centres = (edges[:-1] + edges[1:]) / 2
     weight = np.cumsum(hist).astype(np.float64)
     mass = np.cumsum(hist * centres)
     between = (mass[-1] * weight / weight[-1] - mass) ** 2 / (weight * (weight[-1] - weight) + 1e-12)
-    return smooth, float(centres[np.argmax(between[:-1])])
+    return float(centres[np.argmax(between[:-1])])
+
+
+def template_edges(template: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """Smoothed template and the level of its grey/white boundary.
+
+    Two Otsu thresholds inside the mask: the first parts CSF from tissue, the
+    second (over the tissue) grey from white matter.
+    """
+    smooth = ndimage.gaussian_filter(template.astype(np.float32), 1.0)
+    values = smooth[mask]
+    tissue = values[values > _otsu(values)]
+    return smooth, _otsu(tissue)
 
 
 def plot_registration(*, image: nib.Nifti1Image, template: nib.Nifti1Image, template_mask: nib.Nifti1Image,

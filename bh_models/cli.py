@@ -43,7 +43,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from bh_models.demo import write_demo_cohort
 
     start = time.perf_counter()
-    summary = write_demo_cohort(args.out_dir, seed=args.seed, subjects_per_site=args.subjects_per_site)
+    sizes = {} if args.subjects_per_site is None else {"subjects_per_site": args.subjects_per_site}
+    summary = write_demo_cohort(args.out_dir, seed=args.seed, **sizes)
     print(f"demo cohort written to {args.out_dir} in {time.perf_counter() - start:.1f} s")
     for key, value in summary.items():
         print(f"  {key}: {value}")
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="write the seeded demo cohort (two BIDS sites + ground truth)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subjects-per-site", type=int, default=10)
+    p.add_argument("--subjects-per-site", type=int, default=None, help="default: 8")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("check-config", help="validate config.yaml and show what each dataset contributes")

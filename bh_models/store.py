@@ -425,7 +425,7 @@ class FmriShardDataset(Dataset):
         start, n, k = int(self._start[i]), int(self._frames[i]), int(self._k[i])
         frames = self._cache.get(self._paths[i])[start:start + n]  # (n_frames, n_rois)
         x = np.zeros((len(self.rois), self.max_patches * k), dtype=np.float32)  # (n_rois, padded)
-        x[:, :n] = frames.T if self.scaling is None else self.scaling.apply(frames.T)
+        x[:, :n] = (frames if self.scaling is None else self.scaling.apply_frames(frames)).T
         mask = np.zeros(self.max_patches, dtype=bool)
         mask[: int(self._patches[i])] = True
         sid, subject, dataset = self._ids[i]
