@@ -102,6 +102,28 @@ def _write_training_sidecars(
     })
 
 
+def data_identity(*, store: Path, extra: Sequence[Path] = ()) -> str:
+    """Cheap identity of the training data, so a resume file never outlives a re-packed store.
+
+    Small files are hashed (store indexes, temporal means, scaling statistics,
+    geometry, encoder checkpoints); shards by name, size and mtime (hashing TBs
+    of T1 shards at every start would cost more than the training step).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    store = Path(store)
+    small = sorted(store.glob("*/*/index.*")) + sorted(store.glob("*/*/temporal_means.npy"))
+    small += sorted(store.glob("scaling.json")) + [Path(p) for p in extra]
+    for path in small:
+        digest.update(f"{path.relative_to(store) if store in path.parents else path.name}".encode())
+        digest.update(path.read_bytes())
+    for shard in sorted(p for p in store.glob("*/*/*") if p.suffix == ".npy" and p.name != "temporal_means.npy"):
+        stat = shard.stat()
+        digest.update(f"{shard.relative_to(store)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
 def _check_geometry(*, geometry: Path, n_rois: int) -> Tensor:
     table = read_geometry(path=geometry)
     if table.shape[0] != n_rois:
@@ -184,6 +206,7 @@ def pretrain_fmri(
         model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=store_module.collate_fmri,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-F (JEPA)", context=context,
+        data_id=data_identity(store=Path(store), extra=[Path(geometry)]),
     )
     summary = _summary(result, model, "harmonix_f")
     if context.is_main:
@@ -255,6 +278,7 @@ def pretrain_t1(
         model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=default_collate,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-S (3-D MAE)", context=context,
+        data_id=data_identity(store=Path(store)),
     )
     summary = _summary(result, model, "harmonix_s")
     if context.is_main:
@@ -507,6 +531,7 @@ def pretrain_harmonizer(
         model=model, loss_fn=loss_fn, dataset=dataset, collate_fn=collate, config=train_config,
         model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint), out_metrics=Path(out_metrics),
         out_curve=Path(out_curve), title="Harmonizer (hub tokens)", context=context,
+        data_id=data_identity(store=Path(store), extra=[Path(geometry), Path(fmri_checkpoint), Path(t1_checkpoint)]),
     )
     summary = _summary(result, model, "harmonizer")
     if context.is_main:

@@ -296,6 +296,7 @@ def train(
     title: str,
     context: DistContext | None = None,
     stop_after: int | None = None,
+    data_id: str = "",
 ) -> TrainResult:
     """Train ``model`` on ``dataset``, resuming from ``resume_path(out_checkpoint)`` if it matches.
 
@@ -326,6 +327,9 @@ def train(
     stop_after : int, optional
         Return right after this step without writing anything: simulates a
         killed job in the resume tests.
+    data_id : str
+        Identity of the training data (see ``bh_models.pretrain.data_identity``); a
+        resume file written for other data is ignored.
 
     Returns
     -------
@@ -339,7 +343,7 @@ def train(
         torch.use_deterministic_algorithms(True)
     try:
         return _train(model, loss_fn, dataset, collate_fn, config, model_config, Path(out_checkpoint),
-                      Path(out_metrics), Path(out_curve), title, context, stop_after)
+                      Path(out_metrics), Path(out_curve), title, context, stop_after, data_id)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
 
@@ -347,7 +351,7 @@ def train(
 def _train(
     model: nn.Module, loss_fn: LossFn, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
     model_config: dict, out_checkpoint: Path, out_metrics: Path, out_curve: Path, title: str,
-    context: DistContext, stop_after: int | None,
+    context: DistContext, stop_after: int | None, data_id: str = "",
 ) -> TrainResult:
     device, world_size = context.device, context.world_size
     on_cuda = device.type == "cuda"
@@ -358,7 +362,9 @@ def _train(
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_at(step) / config.lr)
     run_id = fingerprint({
+        # data_id: a resume file from training on other data (a re-packed store) is not resumed.
         "model": model_config, "world_size": world_size, "n_samples": len(dataset),  # type: ignore[arg-type]
+        "data": data_id,
         "train": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_every", "num_workers")},
     })
 
@@ -445,6 +451,10 @@ def _train(
         })
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        # The bar is off in batch logs (no terminal): log progress there instead.
+        if context.is_main and progress.disable and (step + 1) % max(1, config.steps // 20) == 0:
+            LOG.info("%s: step %d/%d loss %.4f lr %.2e %.1f samples/s", title, step + 1, config.steps,
+                     loss_value, lr, rows[-1]["samples_per_s"])
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             if context.is_main:
                 save_checkpoint(resume_file, payload(step + 1, with_history=True))

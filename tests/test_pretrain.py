@@ -263,3 +263,17 @@ def test_geometry_rows_must_match_the_store(fake_store_module, tmp_path: Path) -
         pretrain.pretrain_fmri(store=store, geometry=geometry, out_checkpoint=tmp_path / "f.pt",
                                out_metrics=tmp_path / "f.tsv", out_curve=tmp_path / "f.png",
                                steps=1, batch_size=2, lr=1e-3, seed=0, checkpoint_every=1)
+
+
+def test_data_identity_changes_with_the_packed_data(tmp_path):
+    """A resume file is only reused for the same data: its identity follows the store."""
+    from bh_models.pretrain import data_identity
+
+    store = tmp_path / "store"
+    (store / "fmri" / "siteA").mkdir(parents=True)
+    (store / "fmri" / "siteA" / "index.tsv").write_text("sample_id\n a\n")
+    (store / "scaling.json").write_text("{}")
+    first = data_identity(store=store)
+    assert data_identity(store=store) == first
+    (store / "fmri" / "siteA" / "index.tsv").write_text("sample_id\n b\n")
+    assert data_identity(store=store) != first
