@@ -221,10 +221,16 @@ def run(job: str, workdir: Path) -> tuple[float, float, float, str]:
     queue = context.Queue()
     process = context.Process(target=_measure, args=(queue, job, str(workdir)))
     process.start()
-    result = queue.get()
+    import queue as queue_module
+
+    while True:  # a child that dies before reporting must not hang the benchmark
+        try:
+            result = queue.get(timeout=2)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"job {job} failed with exit code {process.exitcode}") from None
     process.join()
-    if process.exitcode:
-        raise RuntimeError(f"job {job} failed with exit code {process.exitcode}")
     return result
 
 

@@ -74,6 +74,8 @@ TENSOR_FOV_MM = (160.0, 192.0, 160.0)
 TENSOR_CENTRE_MM = (-0.5, -17.5, 18.5)
 #: A brain mask smaller than this (mL) means the image is not a usable T1w head scan.
 MIN_TIV_ML = 200.0
+#: ITK threads of the chain: 1, the only count with byte-identical registrations.
+ITK_THREADS = 1
 #: N4 fits its field on a grid no finer than this (mm); see :func:`n4_shrink_factor`.
 N4_MIN_FIT_MM = 4.0
 #: Voxels kept around the brain mask's bounding box for N4.
@@ -271,7 +273,9 @@ def preprocess_anat(
     seed : int
         Seed of the registration's metric sampling.
     threads : int
-        ITK and torch threads (a fixed count keeps the outputs byte-identical).
+        Torch threads (deepbet). ITK (N4, registration, resampling) runs on
+        :data:`ITK_THREADS` = 1 thread, the only count whose registrations are
+        byte-identical between runs.
 
     Returns
     -------
@@ -289,7 +293,10 @@ def preprocess_anat(
     grid = _check_params(skullstrip_method=skullstrip_method, type_of_transform=type_of_transform,
                          resolution=resolution, registration_resolution=registration_resolution,
                          tensor_grid=tensor_grid)
-    limit_itk_threads(threads)
+    # ITK single-threaded: multi-threaded Mattes MI in antsRegistration is not
+    # byte-reproducible even with a fixed seed (see limit_itk_threads); ITK
+    # reads this once per process, before its first use. ``threads`` goes to torch.
+    limit_itk_threads(ITK_THREADS)
     timing: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -424,6 +431,7 @@ def preprocess_anat(
         "TensorVoxelSize": spacing,
         "Seed": int(seed),
         "Threads": int(threads),
+        "ITKThreads": ITK_THREADS,
         "DiceMNIMaskVsTemplate": round(mask_dice, 6),
         "NCCMNIT1wVsTemplate": round(ncc, 6),
         "Timing": timing,

@@ -170,11 +170,11 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
         Per task: subject count, exclusions and each model's primary metric and p.
     """
     if n_repeats < 1 or n_permutations < 0:
-        raise BHConfigError("evaluation.n_repeats",
+        raise BHConfigError("evaluate.n_repeats",
                             "n_repeats must be >= 1 and n_permutations >= 0",
                             "set n_repeats to at least 1 and n_permutations to at least 0")
     if class_weight not in ("balanced", None):
-        raise BHConfigError("evaluation.class_weight", f"{class_weight!r} is not supported",
+        raise BHConfigError("evaluate.class_weight", f"{class_weight!r} is not supported",
                             "use 'balanced' or null")
     specs = parse_tasks(tasks=tasks, config_key=f"datasets.{dataset}.targets")
     table = read_participants(path=Path(participants))

@@ -69,6 +69,12 @@ __desc__ = (
 
 MIN_VOLUMES = 20
 
+# antsRegistration is reproducible only on one ITK thread (antspyx's own note;
+# with 2 threads its Mattes MI sums differ from run to run even with a fixed
+# seed). ITK reads this variable when it first starts threads, i.e. at the
+# first antspyx call of the job process, so preprocess_bold sets it before any.
+ITK_THREADS = 1
+
 
 def _atlas_name(networks: int) -> str:
     return f"Schaefer2018_400Parcels_{networks}Networks"
@@ -203,7 +209,8 @@ def preprocess_bold(
     seed : int
         Seed of the coregistration's metric sampling.
     threads : int
-        Torch threads used here (ITK threads are set by the runner).
+        Torch threads used here. ITK (the coregistration and the point
+        mapping, a few seconds) runs single-threaded: see :data:`ITK_THREADS`.
 
     Returns
     -------
@@ -219,6 +226,7 @@ def preprocess_bold(
     BHConfigError
         Invalid cleaning settings or TR override.
     """
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
     bold = Path(bold)
     check_cleaning(motion_regressors=motion_regressors, high_pass=high_pass, low_pass=low_pass,
                    fd_threshold=fd_threshold, standardize=standardize)
@@ -245,8 +253,9 @@ def preprocess_bold(
         if n_kept < min_volumes or n_kept <= motion_regressors + 1:
             raise BHInputError(
                 bold,
-                f"only {n_kept} frames remain after censoring (FD > {fd_threshold} mm), "
-                f"too few for {motion_regressors} motion regressors and the minimum of {min_volumes} volumes",
+                (f"only {n_kept} frames remain after censoring (FD > {fd_threshold} mm)"
+                 if fd_threshold is not None else f"the run has {n_kept} frames")
+                + f", too few for {motion_regressors} motion regressors and the minimum of {min_volumes} volumes",
                 "exclude the run, or use fewer motion regressors or a higher fd_threshold",
             )
 

@@ -197,10 +197,10 @@ def make_splits(*, y: np.ndarray, task_type: str, n_folds: int = 5, n_repeats: i
     smallest = int(np.bincount(strata).min()) if len(y) else 0
     if n_folds < 3 or smallest < n_folds:
         raise BHConfigError(
-            "evaluation.n_folds",
+            "evaluate.n_folds",
             f"{n_folds} folds need at least 3 folds and {n_folds} subjects per class (or target "
             f"bin); the smallest class has {smallest}",
-            "lower evaluation.n_folds (minimum 3) or drop the task for this dataset")
+            "lower evaluate.n_folds (minimum 3) or drop the task for this dataset")
     splits = []
     for repeat in range(n_repeats):
         splitter = StratifiedKFold(n_splits=n_folds, shuffle=True,

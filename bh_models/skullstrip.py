@@ -165,7 +165,7 @@ def _ants_mask(image: nib.Nifti1Image, seed: int = 0) -> np.ndarray:
     mask_image = nib.Nifti1Image(np.asarray(template_mask.dataobj, np.float32), template_mask.affine)
     with tempfile.TemporaryDirectory(prefix="bh-skullstrip-") as work:
         reg = ants.registration(fixed=nifti_to_ants(template), moving=small, type_of_transform="Affine",
-                                random_seed=str(int(seed)), outprefix=str(Path(work) / "head_"))
+                                random_seed=str(int(seed) % (2**31 - 2) + 1), outprefix=str(Path(work) / "head_"))
         prior = ants.apply_transforms(
             fixed=native, moving=nifti_to_ants(mask_image), transformlist=reg["invtransforms"],
             whichtoinvert=[True], interpolator="linear",

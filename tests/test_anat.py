@@ -105,7 +105,7 @@ def test_skullstrip_colin27_against_bet(method: str, min_dice: float) -> None:
     from bh_models.registration import limit_itk_threads
     from bh_models.skullstrip import dice, skullstrip, tiv_ml
 
-    limit_itk_threads(THREADS)
+    limit_itk_threads(1)  # as preprocess_anat does; ITK reads it once per process
     img = nib.load(CH2)
     mask = skullstrip(img, method=method, threads=THREADS)
     assert mask.shape == img.shape and mask.get_data_dtype() == np.uint8

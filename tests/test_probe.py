@@ -81,7 +81,7 @@ def test_splits_are_stratified_and_seeded():
 def test_too_few_subjects_per_class_is_a_config_error():
     with pytest.raises(BHConfigError) as error:
         make_splits(y=np.r_[np.ones(3), np.zeros(10)], task_type="classification", n_folds=5)
-    assert error.value.key == "evaluation.n_folds"
+    assert error.value.key == "evaluate.n_folds"
 
 
 def test_rows_of_one_subject_never_straddle_a_split():
