@@ -148,7 +148,7 @@ def make_splits(
     fractions : dict
         Split name -> fraction (config ``splits.fractions``).
     stratify : str, optional
-        participants.tsv column to stratify by (config ``splits.stratify``).
+        participants.tsv column to stratify by (config ``datasets.<name>.stratify``).
     n_bins : int
         Quantile bins of a numeric target (config ``splits.n_bins``).
     seed : int
@@ -198,12 +198,12 @@ def _strata(subjects: pd.Series, participants: Path | None, stratify: str | None
     if not stratify:
         return pd.Series("all", index=subjects.index, dtype=object)
     if participants is None:
-        raise BHConfigError("splits.stratify", f"stratify by '{stratify}' needs the participants.tsv",
-                            "pass participants or set splits.stratify to null")
+        raise BHConfigError("datasets.<name>.stratify", f"stratify by '{stratify}' needs the participants.tsv",
+                            "add a participants.tsv to the dataset or set its stratify to null")
     table = pd.read_csv(participants, sep="\t", dtype=str, keep_default_na=False)
     if "participant_id" not in table or stratify not in table:
         raise BHInputError(participants, f"needs columns participant_id and {stratify}",
-                           f"add the column or change splits.stratify")
+                           "add the column or change the dataset's stratify in config.yaml")
     labels = table["participant_id"].str.removeprefix("sub-")
     values = subjects.map(dict(zip(labels, table[stratify]))).astype(object)
     return stratum_labels(values=values, name=stratify, n_bins=n_bins)

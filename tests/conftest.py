@@ -48,3 +48,14 @@ def bids_factory(tmp_path):
         return write_bids(tmp_path / name, subjects, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from bh_models.nn.harmonix_f import HarmonixF, read_geometry, sample_jepa_masks
 N_ROIS, GEOMETRY_DIM, MAX_PATCHES = 12, 6, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int = 0) -> HarmonixF:

@@ -11,13 +11,7 @@ from bh_models.nn.harmonix_s import HarmonixS, fit_volume, grid_for_volume
 IMG = (32, 48, 32)  # 2 x 3 x 2 = 12 patches of 16^3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(**overrides: object) -> HarmonixS:

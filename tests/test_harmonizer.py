@@ -11,13 +11,7 @@ from bh_models.nn.harmonizer import Harmonizer
 N_ROIS, N_PATCHES, S_GRID, DIM_S, DIM_F = 6, 3, (2, 2, 2), 16, 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model() -> Harmonizer:

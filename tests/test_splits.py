@@ -93,7 +93,7 @@ def test_bad_configuration_is_named(tmp_path: Path) -> None:
     with pytest.raises(BHConfigError, match="splits.fractions"):
         make_splits(dataset="dsA", samples=samples, out_splits=tmp_path / "s.tsv",
                     fractions={"train": 0.5, "test": 0.1}, seed=0)
-    with pytest.raises(BHConfigError, match="splits.stratify"):
+    with pytest.raises(BHConfigError, match="stratify"):
         make_splits(dataset="dsA", samples=samples, out_splits=tmp_path / "s.tsv", stratify="age", seed=0)
     with pytest.raises(BHInputError, match="expected dsB"):
         make_splits(dataset="dsB", samples=samples, out_splits=tmp_path / "s.tsv", seed=0)

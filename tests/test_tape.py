@@ -19,13 +19,7 @@ TAU = 35.28  # seconds per patch: 48 frames at TR 0.735 s
 N_ROIS, N_PATCHES, EMBED_DIM = 20, 10, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def band_limited_signal(times: np.ndarray, seed: int) -> np.ndarray:

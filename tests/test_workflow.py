@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from bh_models.demo import write_demo_cohort
 from bh_models.recovery import recovery_table
-from workflow_utils import (
-    REPO, copy_demo, make_workdir, manifest, results_manifest, sha256_file, snakemake,
-)
+from workflow_utils import REPO, make_workdir, manifest, results_manifest, snakemake
 
 RULES = ["index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table", "func_preprocess",
          "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "augment_samples",

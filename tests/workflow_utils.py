@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +70,3 @@ def manifest(root: Path, *, skip_top: tuple[str, ...] = (), skip_files: tuple[st
 
 def results_manifest(workdir: Path) -> dict[str, str]:
     return manifest(workdir / "results", skip_top=VOLATILE_TOP_LEVEL, skip_files=VOLATILE_FILES)
-
-
-def copy_demo(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
