@@ -18,6 +18,11 @@ Chain (each step in its own module):
    T1w with the template inside the template mask, two PNG mosaics, and a
    JSON sidecar with TIV, timings and provenance.
 
+All computations run on the closest-RAS copy of the image (a lossless
+permutation/flip of voxels), so RAS- and LPI-stored files go through the same
+arithmetic; ITK runs on one thread (:data:`ITK_THREADS`), the only setting in
+which seeded antsRegistration is byte-reproducible.
+
 Encoder tensor
 --------------
 The T1 encoder sees a fixed box of MNI space: the paper's 160 x 192 x 160 mm
@@ -61,12 +66,12 @@ from bh_models.skullstrip import check_method, dice, skullstrip, tiv_ml
 from bh_models.templates import TEMPLATE_SPACE, load_template
 
 __desc__ = (
-    "Each T1w image was skull-stripped ({skullstrip}), corrected for intensity "
-    "non-uniformity inside the brain mask and normalised to MNI152NLin2009cAsym; "
-    "the brain-extracted T1w was resampled once into template space at "
-    "{resolution:g} mm and, for the T1 encoder, onto a {tensor_grid} voxel grid "
-    "covering the 160 x 192 x 160 mm MNI box of the paper, z-scored within the "
-    "brain mask."
+    "Each T1w image was skull-stripped, corrected for intensity non-uniformity "
+    "inside the brain mask and normalised to MNI152NLin2009cAsym (details below); "
+    "the brain-extracted T1w was then resampled once into template space "
+    "at {resolution:g} mm and, for the T1 encoder, onto a {tensor_grid} voxel "
+    "grid covering the 160 x 192 x 160 mm MNI box of the paper (Dong et al. 2025), "
+    "z-scored within the brain mask."
 )
 
 #: MNI box (mm) that the encoder tensor covers, and its centre (MNI mm).
@@ -207,6 +212,40 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def strip_hdf5_times(path: Path) -> None:
+    """Rewrite an HDF5 file without object time stamps (same groups, datasets, types, values).
+
+    ITK's HDF5 transform writer stores creation and modification times in
+    every object header, so two identical registrations give different bytes.
+    The copy keeps each dataset's HDF5 type and data and drops only the times.
+    """
+    import h5py
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".h5")
+    os.close(fd)
+
+    def copy(src: h5py.Group, dst: h5py.Group) -> None:
+        for name in src:  # h5py lists names in alphabetical (= ITK's index) order
+            item = src[name]
+            if isinstance(item, h5py.Group):
+                gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+                gcpl.set_obj_track_times(False)
+                group = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
+                copy(item, group)
+            else:
+                dst.create_dataset(name, data=item[()], dtype=item.dtype, track_times=False)
+            for key, value in item.attrs.items():
+                dst[name].attrs[key] = value
+
+    try:
+        with h5py.File(path, "r") as src, h5py.File(tmp, "w", track_order=False) as dst:
+            copy(src, dst)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -358,6 +397,8 @@ def preprocess_anat(
     register_to_template(moving=downsample(brain, float(registration_resolution)), template=reg_fixed,
                          out_forward=Path(out_forward), out_inverse=Path(out_inverse),
                          type_of_transform=type_of_transform, seed=seed)
+    for transform in (out_forward, out_inverse):
+        strip_hdf5_times(Path(transform))
     t = lap("registration", t)
 
     # ---- 5. resampling into MNI and the encoder tensor

@@ -73,7 +73,7 @@ MIN_VOLUMES = 20
 # with 2 threads its Mattes MI sums differ from run to run even with a fixed
 # seed). ITK reads this variable when it first starts threads, i.e. at the
 # first antspyx call of the job process, so preprocess_bold sets it before any.
-ITK_THREADS = 2
+ITK_THREADS = 1
 
 
 def _atlas_name(networks: int) -> str:

@@ -73,8 +73,9 @@ def describe_methods(*, config: Mapping[str, Any]) -> str:
 
     method = boilerplate.placeholder_value(name="skullstrip", config=config, module=sys.modules[__name__])
     words = _METHOD_WORDS.get(str(method), str(method))
-    return (f"The T1w image was skull-stripped with {words}; the total intracranial volume "
-            "was taken as the volume of the brain mask.")
+    volume = ("the total intracranial volume was taken as the volume of the brain mask"
+              if method == "deepbet" else "the volume of the brain mask was recorded")
+    return f"The T1w image was skull-stripped with {words}; {volume}."
 
 
 def check_method(method: str) -> None:

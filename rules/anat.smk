@@ -33,7 +33,9 @@ rule anat_preprocess:
         log_path("anat_preprocess", "{dataset}", "sub-{subject}"),
     group:
         "preproc"
-    threads: 2
+    # ITK runs on one thread (the only byte-reproducible setting for seeded
+    # registration), so two subjects side by side use two cores best.
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=30,

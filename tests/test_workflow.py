@@ -9,12 +9,14 @@ byte for byte. A third run goes through a real one-node SLURM cluster
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -136,3 +138,69 @@ def test_sigkilled_clean_run_reruns_to_identical_files(reference_run, demo_root,
     assert sorted(ours) == sorted(theirs)
     differing = [path for path in ours if ours[path] != theirs[path]]
     assert differing == [], differing[:20]
+
+
+def _faulty_dataset(root: Path, demo_root: Path) -> Path:
+    """One good subject, bad T1w images, and a good T1w with a 3D BOLD."""
+    import nibabel as nib
+
+    source = demo_root / "siteA"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("sub-*"))
+    good_t1 = source / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    good_bold = source / "sub-02" / "func" / "sub-02_task-rest_bold.nii.gz"
+    t1 = nib.load(good_t1)
+    data = np.asarray(t1.dataobj, dtype=np.float32)
+
+    def write(label: str, t1w=None, bold=None) -> None:
+        (root / f"sub-{label}" / "anat").mkdir(parents=True)
+        if t1w is None:
+            shutil.copy(good_t1, root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz")
+        else:
+            nib.save(t1w, root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz")
+        if bold is not None:
+            (root / f"sub-{label}" / "func").mkdir()
+            target = root / f"sub-{label}" / "func" / f"sub-{label}_task-rest_bold.nii.gz"
+            shutil.copy(bold, target) if isinstance(bold, Path) else nib.save(bold, target)
+
+    nan = data.copy()
+    nan[tuple(s // 2 for s in nan.shape)] = np.nan
+    write("good", bold=good_bold)
+    write("nan", t1w=nib.Nifti1Image(nan, t1.affine))
+    write("zero", t1w=nib.Nifti1Image(np.zeros_like(data), t1.affine))
+    write("fourd", t1w=nib.Nifti1Image(np.stack([data, data], axis=-1), t1.affine))
+    first_volume = nib.load(good_bold).slicer[..., 0]
+    write("bold3d", bold=nib.Nifti1Image(np.asarray(first_volume.dataobj), first_volume.affine))
+    participants = "participant_id\tdiagnosis\tscore\n" + "".join(
+        f"sub-{s}\tcontrol\t1\n" for s in ("good", "nan", "zero", "fourd", "bold3d"))
+    (root / "participants.tsv").write_text(participants)
+    return root
+
+
+def test_bad_subjects_fail_alone_and_are_listed(tmp_path, demo_root):
+    """Bad images fail their own subject's job, named; the others complete; a rerun finishes without them."""
+    raw = _faulty_dataset(tmp_path / "faulty", demo_root)
+    workdir = tmp_path / "run_faulty"
+    workdir.mkdir()
+    config = __import__("yaml").safe_load((REPO / "config.yaml").read_text())
+    config["datasets"] = {"faulty": {"bids_root": str(raw), "tr_factors": [1]}}
+    (workdir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    targets = ["results/qc/faulty_desc-anat_qc.tsv", "results/qc/faulty_desc-func_qc.tsv"]
+    raw_before = manifest(raw)
+
+    first = snakemake(workdir, "--cores", "2", "--keep-going", *targets, check=False)
+    assert first.returncode != 0
+    anat = workdir / "results" / "derivatives" / "bh-preproc" / "faulty"
+    assert (anat / "sub-good" / "anat" / "sub-good_desc-brain_mask.nii.gz").exists()
+    assert (anat / "sub-bold3d" / "anat" / "sub-bold3d_desc-brain_mask.nii.gz").exists()  # its T1w is fine
+    from bh_models.exclusions import exclusion_table
+
+    table = exclusion_table(results_dir=workdir / "results")
+    assert set(table["subject"]) == {"nan", "zero", "fourd", "bold3d"}, table
+    for subject, words in {"nan": "NaN", "zero": "zero", "fourd": "4D", "bold3d": "3D"}.items():
+        row = table[table["subject"] == subject].iloc[0]
+        assert f"sub-{subject}" in row["file"] and words.lower() in row["reason"].lower(), row.to_dict()
+
+    snakemake(workdir, "--cores", "2", "--keep-going", *targets)  # the same command completes without them
+    qc = pd.read_csv(workdir / targets[1], sep="\t")
+    assert len(qc) == 1 and "good" in qc.to_string()
+    assert manifest(raw) == raw_before
