@@ -2,10 +2,13 @@
 
 The demo cohort (:mod:`bh_models.demo`) generates each BOLD run from known
 Schaefer-400 series, written outside the BIDS folders. The chain's output is
-cleaned (detrending, high-pass, motion regressors, scaling), so it is compared
-with the truth passed through the same temporal filter (``nilearn.signal.clean``
-with the run's detrend/high-pass/low-pass settings, no confounds): motion
-regressors and scaling remove nothing the truth holds, filtering does.
+cleaned (detrending, high-pass, the run's motion regressors, scaling), so it is
+compared with the truth passed through the same cleaning: ``nilearn.signal.clean``
+with the same detrend/high-pass/low-pass settings and the same regressors (read
+from the run's confounds TSV). Regressing 24 motion columns out of 100-160 frames
+removes a sizeable, signal-independent share of any series; leaving it out of the
+reference would measure the cleaning, not the recovery. Scaling (psc) does not
+change a correlation.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ from nilearn.signal import clean
 from bh_models.jsonio import read_json, sidecar_path
 
 
+#: Confounds TSV columns that are not regressors.
+NOT_REGRESSORS = ("framewise_displacement", "censored")
+
+
 def filtered_truth(*, truth: np.ndarray, tr: float, detrend: bool, high_pass: float | None,
-                   low_pass: float | None) -> np.ndarray:
-    """The true (T, 400) series through the chain's temporal filter."""
+                   low_pass: float | None, confounds: np.ndarray | None = None) -> np.ndarray:
+    """The true (T, 400) series through the chain's cleaning (filter and regressors)."""
     return clean(truth, t_r=tr, detrend=detrend, high_pass=high_pass, low_pass=low_pass,
-                 standardize=False)
+                 confounds=confounds, standardize=None)
 
 
 def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -36,8 +43,8 @@ def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, (a * b).sum(axis=0) / denom, np.nan)
 
 
-def run_recovery(*, recovered: Path, truth: Path, detrend: bool = True, high_pass: float | None = 0.01,
-                 low_pass: float | None = None) -> dict:
+def run_recovery(*, recovered: Path, truth: Path, confounds: Path | None = None, detrend: bool = True,
+                 high_pass: float | None = 0.01, low_pass: float | None = None) -> dict:
     """Compare one run's recovered parcel series with its ground truth.
 
     Parameters
@@ -47,6 +54,9 @@ def run_recovery(*, recovered: Path, truth: Path, detrend: bool = True, high_pas
         (``RepetitionTime``; ``CensoredFrames`` / kept frames when scrubbed).
     truth : Path
         The demo's ground-truth TSV of the same run (T x 400, same header).
+    confounds : Path, optional
+        The run's ``*_desc-confounds_timeseries.tsv``; its regressors are removed
+        from the truth too. Censored frames are dropped from the truth.
 
     Returns
     -------
@@ -58,8 +68,15 @@ def run_recovery(*, recovered: Path, truth: Path, detrend: bool = True, high_pas
     if list(ours.columns) != list(true.columns):
         raise ValueError(f"{recovered}: ROI columns differ from the ground truth {truth}")
     tr = float(read_json(sidecar_path(recovered))["RepetitionTime"])
+    regressors, keep = None, np.ones(len(true), dtype=bool)
+    if confounds is not None:
+        table = pd.read_csv(confounds, sep="\t", na_values="n/a")
+        regressors = table.drop(columns=[c for c in NOT_REGRESSORS if c in table]).to_numpy(float)
+        regressors = regressors if regressors.shape[1] else None
+        if "censored" in table:
+            keep = table["censored"].to_numpy() == 0
     reference = filtered_truth(truth=true.to_numpy(float), tr=tr, detrend=detrend, high_pass=high_pass,
-                               low_pass=low_pass)
+                               low_pass=low_pass, confounds=regressors)[keep]
     if len(ours) != len(reference):
         raise ValueError(f"{recovered}: {len(ours)} frames, the truth has {len(reference)} "
                          "(compare runs without scrubbing)")
@@ -68,11 +85,18 @@ def run_recovery(*, recovered: Path, truth: Path, detrend: bool = True, high_pas
             "n_parcels": int(ours.shape[1]), "r": r}
 
 
+def confounds_of(timeseries: Path) -> Path:
+    """The confounds TSV written beside a run's parcel series by the functional chain."""
+    stem = Path(timeseries).name.split("_space-")[0]
+    return Path(timeseries).with_name(f"{stem}_desc-confounds_timeseries.tsv")
+
+
 def recovery_table(*, pairs: Sequence[tuple[Path, Path]], **filter_settings) -> pd.DataFrame:
-    """One row per run: file, median and minimum r, parcel count."""
+    """One row per run (recovered series, truth): file, median and minimum r, parcel count."""
     rows = []
     for recovered, truth in pairs:
-        result = run_recovery(recovered=recovered, truth=truth, **filter_settings)
+        result = run_recovery(recovered=recovered, truth=truth, confounds=confounds_of(recovered),
+                              **filter_settings)
         rows.append({"run": Path(recovered).name, "median_r": result["median_r"],
                      "min_r": result["min_r"], "n_parcels": result["n_parcels"]})
     return pd.DataFrame(rows)

@@ -59,3 +59,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- workflow runs (test_workflow, test_slurm)
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The demo cohort, written once per session (outside any run folder)."""
+    from bh_models.demo import write_demo_cohort
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_cohort(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, demo_root) -> Path:
+    """The demo workflow run once, as the README's first command runs it."""
+    import time
+
+    from workflow_utils import make_workdir, manifest, snakemake
+
+    raw_before = manifest(demo_root)
+    workdir = make_workdir(tmp_path_factory.mktemp("run_a"), demo_root)
+    started = time.perf_counter()
+    snakemake(workdir, "--cores", "2")
+    print(f"reference demo run: {time.perf_counter() - started:.0f} s")
+    assert manifest(demo_root) == raw_before, "the workflow wrote into the raw BIDS folders"
+    return workdir
