@@ -34,7 +34,9 @@ rule func_preprocess:
         log_path("func_preprocess", "{dataset}", "sub-{subject}", "{bold}"),
     group:
         "preproc"
-    threads: 2
+    # One thread: ITK runs single-threaded anyway (reproducible coregistration),
+    # and BLAS sums then never depend on the machine's core count.
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=30,

@@ -20,7 +20,7 @@ rule pretrain_fmri:
         **training("fmri"),
     log:
         log_path("pretrain_fmri", "all"),
-    threads: 4
+    threads: 2  # CPU threads of the step (data and, without a GPU, the model); fixed for byte-identical CPU runs
     resources:
         gpu=gpus(),
         mem_mb=16000,
@@ -45,7 +45,7 @@ rule pretrain_t1:
         **training("t1"),
     log:
         log_path("pretrain_t1", "all"),
-    threads: 4
+    threads: 2
     resources:
         gpu=gpus(),
         mem_mb=16000,
@@ -75,7 +75,7 @@ rule pretrain_harmonizer:
         **training("harmonizer"),
     log:
         log_path("pretrain_harmonizer", "all"),
-    threads: 4
+    threads: 2
     resources:
         gpu=gpus(),
         mem_mb=16000,
@@ -105,7 +105,7 @@ rule extract_embeddings:
         batch_size=config["pretrain"]["harmonizer"]["batch_size"],
     log:
         log_path("extract_embeddings", "all"),
-    threads: 4
+    threads: 2
     resources:
         gpu=min(gpus(), 1),
         mem_mb=16000,
