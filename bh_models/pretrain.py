@@ -106,8 +106,10 @@ def data_identity(*, store: Path, extra: Sequence[Path] = ()) -> str:
     """Cheap identity of the training data, so a resume file never outlives a re-packed store.
 
     Small files are hashed (store indexes, temporal means, scaling statistics,
-    geometry, encoder checkpoints); shards by name, size and mtime (hashing TBs
-    of T1 shards at every start would cost more than the training step).
+    geometry, encoder checkpoints); shards by name and size only (hashing TBs of
+    T1 shards at every start would cost more than a training step, and a time
+    stamp would make the checkpoint, which stores this identity, differ between
+    two identical runs).
     """
     import hashlib
 
@@ -119,8 +121,7 @@ def data_identity(*, store: Path, extra: Sequence[Path] = ()) -> str:
         digest.update(f"{path.relative_to(store) if store in path.parents else path.name}".encode())
         digest.update(path.read_bytes())
     for shard in sorted(p for p in store.glob("*/*/*") if p.suffix == ".npy" and p.name != "temporal_means.npy"):
-        stat = shard.stat()
-        digest.update(f"{shard.relative_to(store)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(f"{shard.relative_to(store)}:{shard.stat().st_size}".encode())
     return digest.hexdigest()
 
 

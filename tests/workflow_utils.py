@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,5 +70,27 @@ def manifest(root: Path, *, skip_top: tuple[str, ...] = (), skip_files: tuple[st
     return out
 
 
+# Timing measurements inside otherwise reproducible files: compared without them.
+TIMING_JSON_KEYS = {"_desc-preproc_T1w.json": "Timing"}
+TIMING_TSV_COLUMNS = {"_desc-anat_qc.tsv": "seconds", "metrics.tsv": "samples_per_s"}
+
+
+def comparable_sha256(path: Path) -> str:
+    """sha256 of a file, or of its content without the timing fields listed above."""
+    for suffix, key in TIMING_JSON_KEYS.items():
+        if path.name.endswith(suffix):
+            data = json.loads(path.read_text())
+            data.pop(key, None)
+            return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    for suffix, column in TIMING_TSV_COLUMNS.items():
+        if path.name.endswith(suffix):
+            text = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False).drop(columns=[column])
+            return hashlib.sha256(text.to_csv(sep="\t", index=False).encode()).hexdigest()
+    return sha256_file(path)
+
+
 def results_manifest(workdir: Path) -> dict[str, str]:
-    return manifest(workdir / "results", skip_top=VOLATILE_TOP_LEVEL, skip_files=VOLATILE_FILES)
+    """relative path -> comparable sha256 of every data file of a run's results."""
+    root = workdir / "results"
+    plain = manifest(root, skip_top=VOLATILE_TOP_LEVEL, skip_files=VOLATILE_FILES)
+    return {rel: comparable_sha256(root / rel) for rel in plain}
