@@ -30,10 +30,10 @@ SLURM_ARGS = ("--profile", "slurm", "--workflow-profile", str(REPO / "tests" / "
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd needs root (CI runs .ci/run as root)")
     if shutil.which("sinfo") is None:
         pytest.fail("slurm-wlm is not installed: run .ci/install as root")
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmctld/slurmd needs root")
     done = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start_cluster.sh")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
