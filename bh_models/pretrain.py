@@ -102,25 +102,31 @@ def _write_training_sidecars(
     })
 
 
-def data_identity(*, store: Path, extra: Sequence[Path] = ()) -> str:
+def data_identity(*, store: Path, modalities: Sequence[str], extra: Sequence[Path] = ()) -> str:
     """Cheap identity of the training data, so a resume file never outlives a re-packed store.
 
     Small files are hashed (store indexes, temporal means, scaling statistics,
     geometry, encoder checkpoints); shards by name and size only (hashing TBs of
     T1 shards at every start would cost more than a training step, and a time
     stamp would make the checkpoint, which stores this identity, differ between
-    two identical runs).
+    two identical runs). Only the ``modalities`` the model reads count
+    (``"fmri"``, ``"t1"``): another modality's folder may be being re-packed by
+    a concurrent job.
     """
     import hashlib
 
     digest = hashlib.sha256()
     store = Path(store)
-    small = sorted(store.glob("*/*/index.*")) + sorted(store.glob("*/*/temporal_means.npy"))
-    small += sorted(store.glob("scaling.json")) + [Path(p) for p in extra]
+    folders = [store / modality for modality in sorted(modalities)]
+    small = [p for folder in folders for p in sorted(folder.glob("*/index.*"))]
+    small += [p for folder in folders for p in sorted(folder.glob("*/temporal_means.npy"))]
+    small += sorted(store.glob("scaling.json")) if "fmri" in modalities else []
+    small += [Path(p) for p in extra]
     for path in small:
         digest.update(f"{path.relative_to(store) if store in path.parents else path.name}".encode())
         digest.update(path.read_bytes())
-    for shard in sorted(p for p in store.glob("*/*/*") if p.suffix == ".npy" and p.name != "temporal_means.npy"):
+    shards = [p for folder in folders for p in sorted(folder.glob("*/*.npy")) if p.name != "temporal_means.npy"]
+    for shard in shards:
         digest.update(f"{shard.relative_to(store)}:{shard.stat().st_size}".encode())
     return digest.hexdigest()
 
@@ -207,7 +213,7 @@ def pretrain_fmri(
         model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=store_module.collate_fmri,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-F (JEPA)", context=context,
-        data_id=data_identity(store=Path(store), extra=[Path(geometry)]),
+        data_id=data_identity(store=Path(store), modalities=["fmri"], extra=[Path(geometry)]),
     )
     summary = _summary(result, model, "harmonix_f")
     if context.is_main:
@@ -279,7 +285,7 @@ def pretrain_t1(
         model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=default_collate,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-S (3-D MAE)", context=context,
-        data_id=data_identity(store=Path(store)),
+        data_id=data_identity(store=Path(store), modalities=["t1"]),
     )
     summary = _summary(result, model, "harmonix_s")
     if context.is_main:
@@ -532,7 +538,8 @@ def pretrain_harmonizer(
         model=model, loss_fn=loss_fn, dataset=dataset, collate_fn=collate, config=train_config,
         model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint), out_metrics=Path(out_metrics),
         out_curve=Path(out_curve), title="Harmonizer (hub tokens)", context=context,
-        data_id=data_identity(store=Path(store), extra=[Path(geometry), Path(fmri_checkpoint), Path(t1_checkpoint)]),
+        data_id=data_identity(store=Path(store), modalities=["fmri", "t1"],
+                              extra=[Path(geometry), Path(fmri_checkpoint), Path(t1_checkpoint)]),
     )
     summary = _summary(result, model, "harmonizer")
     if context.is_main:

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -224,11 +225,29 @@ def resume_path(out_checkpoint: Path) -> Path:
     return out_checkpoint.with_name(out_checkpoint.name.removesuffix(".pt") + ".resume.pt")
 
 
+def canonical(obj: Any) -> Any:
+    """A copy whose strings are interned and containers fresh.
+
+    Pickle memoizes by object identity, so equal payloads built differently (a
+    resumed run's state comes from unpickled, non-interned strings) would give
+    different bytes. Canonical payloads give the same bytes; tensors are kept.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {canonical(k): canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(canonical(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` atomically: a kill mid-write leaves the previous file intact."""
+    """``torch.save`` atomically (a kill mid-write leaves the previous file intact), canonical bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
+    torch.save(canonical(payload), tmp)
     os.replace(tmp, path)
 
 

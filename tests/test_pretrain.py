@@ -267,7 +267,10 @@ def test_data_identity_changes_with_the_packed_data(tmp_path):
     (store / "fmri" / "siteA").mkdir(parents=True)
     (store / "fmri" / "siteA" / "index.tsv").write_text("sample_id\n a\n")
     (store / "scaling.json").write_text("{}")
-    first = data_identity(store=store)
-    assert data_identity(store=store) == first
+    first = data_identity(store=store, modalities=["fmri"])
+    assert data_identity(store=store, modalities=["fmri"]) == first
+    (store / "t1" / "siteA").mkdir(parents=True)  # another modality being packed does not count
+    (store / "t1" / "siteA" / "index.tsv").write_text("partial")
+    assert data_identity(store=store, modalities=["fmri"]) == first
     (store / "fmri" / "siteA" / "index.tsv").write_text("sample_id\n b\n")
-    assert data_identity(store=store) != first
+    assert data_identity(store=store, modalities=["fmri"]) != first
