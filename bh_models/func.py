@@ -19,11 +19,9 @@ Chain (each step in its own module):
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -38,6 +36,7 @@ from bh_models.confounds import (
     motion_columns,
 )
 from bh_models.errors import BHInputError
+from bh_models.step import torch_threads
 from bh_models.func_qc import plot_carpet
 from bh_models.imagecheck import load_image, read_data
 from bh_models.jsonio import atomic_write_text, read_json, sidecar_path, write_json
@@ -80,17 +79,6 @@ def _atlas_name(networks: int) -> str:
     return f"Schaefer2018_400Parcels_{networks}Networks"
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    """Use ``threads`` torch threads inside the block, then restore."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _require_files(**paths: Path) -> None:
@@ -245,7 +233,7 @@ def preprocess_bold(
     data = read_data(img, bold, what="BOLD run")  # (X, Y, Z, T) float32, NaNs rejected
     warnings = list(tr.warnings)
 
-    with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="bh-func-") as work:
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bh-func-") as work:
         motion = estimate_motion(bold=data, affine=img.affine)
         fd = framewise_displacement(params=motion.params)
         censored = censor_frames(fd=fd, fd_threshold=fd_threshold)

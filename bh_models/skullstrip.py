@@ -24,12 +24,11 @@ Both run in seconds on two cores.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from bh_models.errors import BHConfigError
+from bh_models.step import torch_threads
 
 __desc__ = (
     "The T1w image was skull-stripped with {skullstrip} (deepbet: a convolutional "
@@ -98,16 +98,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(a & b)) / total if total else 0.0
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,7 +108,7 @@ def _deepbet_model():
 
 
 def _deepbet_mask(image: nib.Nifti1Image, threads: int) -> np.ndarray:
-    with _torch_threads(threads):
+    with torch_threads(threads):
         model = _deepbet_model()
         try:
             # BrainExtraction.run takes an in-memory image; it works on the closest

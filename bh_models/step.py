@@ -16,13 +16,14 @@ place then does what every job needs and no step should repeat:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,19 @@ def limit_threads(threads: int) -> None:
         torch.set_num_threads(int(value))
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Use ``threads`` torch intra-op threads inside the block, then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _named(items: Any) -> dict[str, Any]:
