@@ -54,7 +54,7 @@ import pandas as pd
 
 from bh_models.anat_qc import plot_mask_contour, plot_registration
 from bh_models.errors import BHConfigError, BHInputError
-from bh_models.imagecheck import load_image, read_data
+from bh_models.imagecheck import load_image, read_data, save_nifti
 from bh_models.jsonio import atomic_write_text, read_json, sidecar_path, write_json
 from bh_models.registration import (
     apply_transform,
@@ -191,18 +191,6 @@ def _native_image(data: np.ndarray, source: nib.Nifti1Image, dtype: type) -> nib
     img.header.set_xyzt_units("mm")
     img.set_data_dtype(dtype)
     return img
-
-
-def _write_nifti(path: Path, img: nib.Nifti1Image) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)  # nibabel's gzip writer stores no time stamp
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -386,8 +374,8 @@ def preprocess_anat(
     brain_data[box] = np.where(mask_data[box], np.asarray(corrected.dataobj, dtype=np.float32), 0)
     brain = nib.Nifti1Image(brain_data, canon_affine)
     native_mask = nib.Nifti1Image(mask_data.astype(np.uint8), canon_affine)
-    _write_nifti(Path(out_t1w), _native_image(nib.apply_orientation(brain_data, back), img, np.float32))
-    _write_nifti(Path(out_mask), _native_image(nib.apply_orientation(mask_data, back), img, np.uint8))
+    save_nifti(Path(out_t1w), _native_image(nib.apply_orientation(brain_data, back), img, np.float32))
+    save_nifti(Path(out_mask), _native_image(nib.apply_orientation(mask_data, back), img, np.uint8))
     t = lap("n4", t)
 
     # ---- 4. registration to the brain-extracted template
@@ -413,8 +401,8 @@ def preprocess_anat(
         out_img.header.set_sform(template.affine, code=4)  # MNI
         out_img.header.set_qform(template.affine, code=4)
         out_img.header.set_xyzt_units("mm")
-    _write_nifti(Path(out_mni_t1w), mni_t1w)
-    _write_nifti(Path(out_mni_mask), mni_mask)
+    save_nifti(Path(out_mni_t1w), mni_t1w)
+    save_nifti(Path(out_mni_mask), mni_mask)
 
     tensor_ref = tensor_reference(grid)
     tensor_t1 = np.asarray(apply_transform(image=brain, reference=tensor_ref, transform=Path(out_forward)).dataobj)

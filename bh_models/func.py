@@ -38,7 +38,7 @@ from bh_models.confounds import (
 from bh_models.errors import BHInputError
 from bh_models.step import torch_threads
 from bh_models.func_qc import plot_carpet
-from bh_models.imagecheck import load_image, read_data
+from bh_models.imagecheck import load_image, read_data, save_nifti
 from bh_models.jsonio import atomic_write_text, read_json, sidecar_path, write_json
 from bh_models.motion import (
     FD_RADIUS_MM,
@@ -96,18 +96,6 @@ def _write_tsv(path: Path, table: pd.DataFrame) -> None:
     buffer = io.StringIO()
     table.to_csv(buffer, sep="\t", index=False, float_format="%.6g", na_rep="n/a", lineterminator="\n")
     atomic_write_text(Path(path), buffer.getvalue())
-
-
-def _write_nifti(path: Path, img: nib.Nifti1Image) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)  # nibabel's gzip writer stores no time stamp
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _template_mask(mni_mask: Path, atlas: nib.Nifti1Image, resolution: float) -> nib.Nifti1Image:
@@ -364,7 +352,7 @@ def preprocess_bold(
         mni = nib.Nifti1Image(volume, atlas.affine)
         mni.header.set_xyzt_units("mm", "sec")
         mni.header.set_zooms((*mni.header.get_zooms()[:3], tr.seconds))
-        _write_nifti(Path(out_mni_bold), mni)
+        save_nifti(Path(out_mni_bold), mni)
         write_json(sidecar_path(out_mni_bold), {"RepetitionTime": tr.seconds, "Space": TEMPLATE_SPACE,
                                                 "Resolution": float(resolution), "SkullStripped": True})
 

@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -97,6 +96,7 @@ from scipy import sparse
 from scipy.sparse.linalg import LinearOperator, eigsh, splu
 from threadpoolctl import threadpool_limits
 
+from bh_models.hashing import sha256_file
 from bh_models.errors import BHConfigError, BHInputError
 from bh_models.jsonio import atomic_write_text, read_json, sidecar_path, write_json
 from bh_models.templates import atlas_labels, atlas_source_file, data_dir
@@ -154,14 +154,6 @@ class HemisphereMesh:
     medial_wall_removed: bool
     sources: dict[str, str]
     repairs: list[str] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_surface(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +319,7 @@ def _midthickness_fsaverage5(hemi: str) -> tuple[np.ndarray, np.ndarray, dict[st
     pial_v, pial_t = read_surface(pial_path)
     if not np.array_equal(white_t, pial_t):
         raise BHInputError(pial_path, "white and pial surfaces do not share triangles", "reinstall nilearn")
-    sources = {white_path.name: _sha256(white_path), pial_path.name: _sha256(pial_path)}
+    sources = {white_path.name: sha256_file(path=white_path), pial_path.name: sha256_file(path=pial_path)}
     return 0.5 * (white_v + pial_v), white_t, sources
 
 
@@ -359,11 +351,11 @@ def load_hemisphere(
     if surface_file is not None:
         path = Path(surface_file)
         vertices, triangles = read_surface(path)
-        sources[path.name] = _sha256(path)
+        sources[path.name] = sha256_file(path=path)
     elif surface == "fsLR32k":
         path = data_dir() / "fslr32k" / f"{_FSLR_FILES[hemi]}.gii"
         vertices, triangles = read_surface(path)
-        sources[path.name] = _sha256(path)
+        sources[path.name] = sha256_file(path=path)
         medial_wall_file = medial_wall_file or data_dir() / "fslr32k" / f"{_FSLR_FILES[hemi]}_mask.csv"
     else:
         vertices, triangles, sources = _midthickness_fsaverage5(hemi)
@@ -373,7 +365,7 @@ def load_hemisphere(
         cortex = np.ones(len(vertices), dtype=bool)
     else:
         cortex = read_medial_wall_mask(Path(medial_wall_file), len(vertices))
-        sources[Path(medial_wall_file).name] = _sha256(Path(medial_wall_file))
+        sources[Path(medial_wall_file).name] = sha256_file(path=Path(medial_wall_file))
     return HemisphereMesh(
         vertices=vertices, triangles=triangles, cortex=cortex,
         medial_wall_removed=medial_wall_file is not None, sources=sources, repairs=repairs,

@@ -1,9 +1,10 @@
-"""Open NIfTI images defensively: every failure names the file and the fix."""
+"""NIfTI I/O: open images defensively (every failure names the file and the fix), save atomically."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -64,3 +65,16 @@ def read_data(img: nib.spatialimages.SpatialImage, path: str | os.PathLike, *, w
     if not np.any(data):
         raise BHInputError(path, f"{what} is all zeros", "check the file; it holds no image")
     return data
+
+
+def save_nifti(path: Path, img: nib.Nifti1Image) -> None:
+    """Save atomically (temporary file, then rename): a killed job leaves no partial image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
+    os.close(fd)
+    try:
+        nib.save(img, tmp)  # nibabel's gzip writer stores no time stamp
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bh_models import hashing
+
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 VENV_BIN = Path(sys.executable).parent
@@ -52,11 +54,7 @@ def snakemake(workdir: Path, *args: str, timeout: float = 1800, check: bool = Tr
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hashing.sha256_file(path=path)
 
 
 def manifest(root: Path, *, skip_top: tuple[str, ...] = (), skip_files: tuple[str, ...] = ()) -> dict[str, str]:
