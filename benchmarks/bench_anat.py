@@ -31,6 +31,8 @@ import resource
 import time
 from pathlib import Path
 
+from fresh_process import run_in_fresh_process
+
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 CH2BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 
@@ -111,13 +113,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str, threads: int) -> None:
 
 
 def run(job: str, workdir: Path, threads: int) -> tuple[float, float, float, str]:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_measure, args=(queue, job, str(workdir), threads))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    return run_in_fresh_process(_measure, job, str(workdir), threads)
 
 
 def main() -> None:

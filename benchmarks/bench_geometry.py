@@ -24,6 +24,8 @@ import resource
 import time
 from pathlib import Path
 
+from fresh_process import run_in_fresh_process
+
 
 def _measure(queue: mp.Queue, job: str, workdir: str, n_modes: int) -> None:
     """Run one job in this (fresh) process and report wall s, CPU s and peak RSS MB."""
@@ -70,13 +72,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str, n_modes: int) -> None:
 
 
 def run(job: str, workdir: Path, n_modes: int) -> tuple[float, float, float, str]:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_measure, args=(queue, job, str(workdir), n_modes))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    return run_in_fresh_process(_measure, job, str(workdir), n_modes)
 
 
 def main() -> None:
