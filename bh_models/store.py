@@ -425,7 +425,11 @@ class FmriShardDataset(Dataset):
         start, n, k = int(self._start[i]), int(self._frames[i]), int(self._k[i])
         frames = self._cache.get(self._paths[i])[start:start + n]  # (n_frames, n_rois)
         x = np.zeros((len(self.rois), self.max_patches * k), dtype=np.float32)  # (n_rois, padded)
-        x[:, :n] = (frames if self.scaling is None else self.scaling.apply_frames(frames)).T
+        real = x[:, :n].T  # (n_frames, n_rois) view: scaled in place, no temporaries
+        if self.scaling is None:
+            real[...] = frames
+        else:
+            self.scaling.apply_frames(frames, out=real)
         mask = np.zeros(self.max_patches, dtype=bool)
         mask[: int(self._patches[i])] = True
         sid, subject, dataset = self._ids[i]
@@ -470,13 +474,12 @@ def collate_fmri(batch: Sequence[dict]) -> dict:
         ``sample_id``, ``subject``, ``dataset`` as lists of str.
     """
     widths = [item["x"].shape[1] for item in batch]
-    if len(set(widths)) == 1:  # one patch size in the batch: a single copy
-        x = torch.stack([item["x"] for item in batch])  # (B, n_rois, T)
-    else:
-        x = torch.empty((len(batch), batch[0]["x"].shape[0], max(widths)), dtype=torch.float32)  # (B, n_rois, T_max)
-        for b, (item, width) in enumerate(zip(batch, widths)):
-            x[b, :, :width] = item["x"]
-            x[b, :, width:] = 0
+    # numpy copies the strided rows ~4x faster than torch's indexed assignment (bench_store.py).
+    x = np.empty((len(batch), batch[0]["x"].shape[0], max(widths)), dtype=np.float32)  # (B, n_rois, T_max)
+    for b, (item, width) in enumerate(zip(batch, widths)):
+        x[b, :, :width] = item["x"].numpy()
+        x[b, :, width:] = 0
+    x = torch.from_numpy(x)
     out = {"x": x, "patch_mask": torch.stack([item["patch_mask"] for item in batch]),
            "tr": torch.tensor([item["tr"] for item in batch], dtype=torch.float32)}
     for key in ("k", "n_patches", "n_frames"):
