@@ -25,11 +25,12 @@ from bh_models.jsonio import read_json, write_json
 __desc__ = (
     "Parcel time series were robust-scaled per ROI, subtracting the median and "
     "dividing by the interquartile range of subjects' temporal mean signals, both "
-    "computed over the {n_subjects} subjects of the training split only."
+    "computed over the {n_subjects} subjects of the training split only{floored}."
 )
 
 #: File names inside a dataset's fMRI store folder that scaling reads.
 TEMPORAL_MEANS_FILE = "temporal_means.npy"
+TEMPORAL_SDS_FILE = "temporal_sds.npy"
 STORE_META_FILE = "index.json"
 
 
@@ -81,22 +82,48 @@ def subject_temporal_means(*, index: pd.DataFrame, sample_means: np.ndarray) -> 
     return sums.div(frames.to_numpy(), axis=0)
 
 
-def fit_robust_scaling(*, subject_means: np.ndarray, iqr_floor: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Median and IQR per ROI over subjects; IQRs below ``iqr_floor`` become 1.
+def fit_robust_scaling(
+    *,
+    subject_means: np.ndarray,
+    iqr_floor: float = 1e-6,
+    within_sd: np.ndarray | None = None,
+    relative_iqr_floor: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median and IQR per ROI over subjects; IQRs too small to divide by become 1.
+
+    An IQR is floored when it is below ``iqr_floor``, or below
+    ``relative_iqr_floor`` x ``within_sd`` (the ROI's typical within-run SD).
+    The second case is a series demeaned upstream (detrending, high-pass or
+    percent-signal-change cleaning leave temporal means of ~0): dividing by the
+    between-subject spread of removed means would blow noise up ~1000-fold and
+    give every ROI an arbitrary scale, so such ROIs keep their cleaned units.
+
+    Parameters
+    ----------
+    subject_means : ndarray, shape (n_subjects, n_rois)
+    iqr_floor : float
+        Absolute floor.
+    within_sd : ndarray, shape (n_rois,), optional
+        Median over subjects of the within-run temporal SD; no relative floor without it.
+    relative_iqr_floor : float
+        Relative floor (config ``store.relative_iqr_floor``).
 
     Returns
     -------
     median, iqr : ndarray, shape (n_rois,)
         Float64 statistics.
     floored : ndarray of bool
-        ROIs whose IQR was floored (dividing by ~0 would blow the ROI up).
+        ROIs whose IQR was floored.
     """
     if subject_means.shape[0] == 0:
         raise BHConfigError("splits.fractions", "the training split holds no fMRI subject",
                             "give the train split a positive fraction and check the samples tables")
     q25, median, q75 = np.percentile(subject_means, [25, 50, 75], axis=0)
     iqr = q75 - q25
-    floored = ~(iqr >= iqr_floor)
+    floor = np.full_like(iqr, iqr_floor)
+    if within_sd is not None:
+        floor = np.maximum(floor, relative_iqr_floor * np.asarray(within_sd, dtype=np.float64))
+    floored = ~(iqr >= floor)
     return median, np.where(floored, 1.0, iqr), floored
 
 
@@ -107,6 +134,7 @@ def compute_scaling(
     out_scaling_table: Path | None = None,
     split: str = "train",
     iqr_floor: float = 1e-6,
+    relative_iqr_floor: float = 0.05,
     threads: int = 1,
 ) -> dict:
     """Step function: robust-scaling statistics over the training split of the store.
@@ -115,7 +143,8 @@ def compute_scaling(
     ----------
     fmri_indexes : list of Path
         ``<store>/fmri/<dataset>/index.tsv`` of every dataset; the packed
-        ``temporal_means.npy`` and ``index.json`` beside each are read too.
+        ``temporal_means.npy``, ``temporal_sds.npy`` and ``index.json`` beside
+        each are read too.
     out_scaling : Path
         JSON with ``rois``, ``median``, ``iqr``, ``n_subjects``, ``datasets``,
         ``split`` and ``floored_rois`` (``<store>/scaling.json``).
@@ -125,6 +154,10 @@ def compute_scaling(
         Split the statistics are fitted on.
     iqr_floor : float
         IQRs below this are replaced by 1 and listed (config ``store.iqr_floor``).
+    relative_iqr_floor : float
+        IQRs below this fraction of the ROI's median within-run SD are replaced
+        by 1 and listed (config ``store.relative_iqr_floor``; see
+        :func:`fit_robust_scaling`).
     threads : int
         Unused.
 
@@ -134,7 +167,7 @@ def compute_scaling(
         ``n_subjects`` and ``n_floored``.
     """
     del threads
-    rois, indexes, means = None, [], []
+    rois, indexes, means, sds = None, [], [], []
     for path in sorted(map(Path, fmri_indexes)):
         meta = read_json(path.parent / STORE_META_FILE)
         if rois is not None and meta["rois"] != rois:
@@ -145,16 +178,23 @@ def compute_scaling(
         keep = (index["split"] == split).to_numpy()
         indexes.append(index[keep])
         means.append(np.load(path.parent / TEMPORAL_MEANS_FILE)[keep])
+        sds.append(np.load(path.parent / TEMPORAL_SDS_FILE)[keep])
     if rois is None:
         raise BHConfigError("datasets", "no fMRI store to fit the scaling on", "pack at least one dataset")
     index = pd.concat(indexes, ignore_index=True)
     subjects = subject_temporal_means(index=index, sample_means=np.concatenate(means))
-    median, iqr, floored = fit_robust_scaling(subject_means=subjects.to_numpy(), iqr_floor=iqr_floor)
+    within_sd = np.median(subject_temporal_means(index=index, sample_means=np.concatenate(sds)).to_numpy(), axis=0)
+    median, iqr, floored = fit_robust_scaling(subject_means=subjects.to_numpy(), iqr_floor=iqr_floor,
+                                              within_sd=within_sd, relative_iqr_floor=relative_iqr_floor)
     write_json(out_scaling, {
         "rois": rois, "median": median.tolist(), "iqr": iqr.tolist(), "split": split,
         "n_subjects": len(subjects), "datasets": sorted(set(index["dataset"])),
         "floored_rois": [r for r, f in zip(rois, floored) if f], "iqr_floor": iqr_floor,
-        "Description": __desc__.format(n_subjects=len(subjects)),
+        "relative_iqr_floor": relative_iqr_floor, "within_run_sd": within_sd.tolist(),
+        "Description": __desc__.format(n_subjects=len(subjects), floored=(
+            f"; {int(floored.sum())} of {len(rois)} ROIs, whose series were demeaned upstream (IQR of "
+            f"temporal means < {relative_iqr_floor} x within-run SD), kept their cleaned units"
+            if floored.any() else "")),
     })
     if out_scaling_table is not None:
         table = pd.DataFrame({"roi": rois, "median": median, "iqr": iqr})

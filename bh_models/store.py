@@ -7,6 +7,7 @@ Layout (``store_dir``)::
     fmri/<dataset>/index.tsv                one row per sample: plan, split, shard, row_start
     fmri/<dataset>/index.json               ROI names, max_patches, shard list
     fmri/<dataset>/temporal_means.npy       float64 (n_samples, n_rois), for the scaling fit
+    fmri/<dataset>/temporal_sds.npy         float64 (n_samples, n_rois), likewise
     t1/<dataset>/shard-<split>-00000.npy    float32 (n, X, Y, Z)
     t1/<dataset>/index.tsv, index.json
     scaling.json, scaling.tsv               robust-scaling statistics (bh_models.scaling)
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from bh_models.augment import parse_entities, read_samples_table, write_samples_table
 from bh_models.errors import BHConfigError, BHInputError
 from bh_models.jsonio import read_json, write_json
-from bh_models.scaling import STORE_META_FILE, TEMPORAL_MEANS_FILE, RobustScaling, load_scaling
+from bh_models.scaling import STORE_META_FILE, TEMPORAL_MEANS_FILE, TEMPORAL_SDS_FILE, RobustScaling, load_scaling
 from bh_models.splits import read_splits, split_of
 
 __desc__ = (
@@ -165,7 +166,8 @@ def pack_fmri(
         Split table of the dataset (:func:`bh_models.splits.make_splits`).
     out_dir : Path
         ``<store>/fmri/<dataset>``; receives the shards, ``index.tsv``,
-        ``index.json`` and ``temporal_means.npy``. Other datasets are not touched.
+        ``index.json``, ``temporal_means.npy`` and ``temporal_sds.npy``. Other
+        datasets are not touched.
     shard_size_mb : float
         Shard size in MiB at most (config ``store.shard_size_mb``).
     threads : int
@@ -195,8 +197,9 @@ def pack_fmri(
         splits=table["split"], sizes=table["n_frames"], shard_size=_shard_rows(shard_size_mb, 4 * max(1, len(rois))))
     maps = _open_shards(out_dir, table["shard"], table["n_frames"], (len(rois),))
     # On disk, not in memory: 160,000 UK Biobank samples x 400 ROIs is 0.5 GB.
-    means_tmp = out_dir / f".{TEMPORAL_MEANS_FILE}.tmp"
-    means = np.lib.format.open_memmap(means_tmp, mode="w+", dtype="<f8", shape=(len(table), len(rois)))
+    stats_tmp = {name: out_dir / f".{name}.tmp" for name in (TEMPORAL_MEANS_FILE, TEMPORAL_SDS_FILE)}
+    means, sds = (np.lib.format.open_memmap(tmp, mode="w+", dtype="<f8", shape=(len(table), len(rois)))
+                  for tmp in stats_tmp.values())
 
     def pack_source(item: tuple[str, pd.DataFrame]) -> None:
         source_file, rows = item
@@ -211,6 +214,7 @@ def pack_fmri(
             variant = values[row["offset"]::row["factor"]][: row["n_frames"]]  # (n_frames, n_rois)
             maps[row["shard"]][row["row_start"]: row["row_start"] + row["n_frames"]] = variant
             means[i] = variant.mean(axis=0, dtype=np.float64)
+            sds[i] = variant.std(axis=0, dtype=np.float64)
 
     groups = list(table.groupby("source_file", sort=True))
     try:
@@ -220,13 +224,16 @@ def pack_fmri(
                 pass
     except BaseException:
         _discard_shards(out_dir, maps)
-        del means
-        means_tmp.unlink(missing_ok=True)
+        del means, sds
+        for tmp in stats_tmp.values():
+            tmp.unlink(missing_ok=True)
         raise
     shard_names = _commit_shards(out_dir, maps)
     means.flush()
-    del means
-    os.replace(means_tmp, out_dir / TEMPORAL_MEANS_FILE)
+    sds.flush()
+    del means, sds
+    for name, tmp in stats_tmp.items():
+        os.replace(tmp, out_dir / name)
     write_samples_table(table, out_dir / INDEX_FILE)
     shard_rows = table.groupby("shard")["n_frames"].sum()
     write_json(out_dir / STORE_META_FILE, {

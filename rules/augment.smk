@@ -107,6 +107,7 @@ rule store_scaling:
         step="bh_models.scaling:compute_scaling",
         fmri_indexes=expand(f"{STORE}/fmri/{{dataset}}/index.tsv", dataset=DATASETS),
         iqr_floor=config["store"]["iqr_floor"],
+        relative_iqr_floor=config["store"]["relative_iqr_floor"],
     log:
         log_path("store_scaling", "all"),
     threads: 1

@@ -160,7 +160,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, fake_store_module) -> dic
 
 def loss_drop(metrics_path: Path, column: str = "loss") -> tuple[float, float]:
     losses = pd.read_csv(metrics_path, sep="\t")[column]
-    return float(losses.iloc[:3].mean()), float(losses.iloc[-3:].mean())
+    first, last = float(losses.iloc[:3].mean()), float(losses.iloc[-3:].mean())
+    assert pretrain.loss_drop(losses) == pytest.approx(1 - last / first)
+    return first, last
 
 
 # ----------------------------------------------------------------------------- tests
@@ -176,6 +178,7 @@ def test_tiny_pretraining_lowers_the_loss_by_30_percent(pipeline: dict, name: st
     assert pipeline[name]["out_curve"].stat().st_size > 0
     sidecar = read_json(sidecar_path(pipeline[name]["out_checkpoint"]))
     assert sidecar["Steps"] == STEPS and sidecar["FinalLoss"] == pytest.approx(summary["final_loss"])
+    assert sidecar["LossDrop"] == pytest.approx(1 - last / first)
 
 
 def test_harmonizer_reconstructs_both_modalities(pipeline: dict) -> None:

@@ -23,13 +23,15 @@ from bh_models.scaling import (
 ROIS = ["roi_a", "roi_b", "roi_c"]
 
 
-def write_store_dataset(store: Path, dataset: str, rows: list[dict], means: np.ndarray, rois=ROIS) -> Path:
-    """The three files compute_scaling reads from a packed dataset (index, meta, temporal means)."""
+def write_store_dataset(store: Path, dataset: str, rows: list[dict], means: np.ndarray, rois=ROIS,
+                        sds: np.ndarray | None = None) -> Path:
+    """The files compute_scaling reads from a packed dataset (index, meta, temporal means and SDs)."""
     folder = store / "fmri" / dataset
     folder.mkdir(parents=True)
     write_samples_table(pd.DataFrame(rows).assign(dataset=dataset), folder / "index.tsv")
     write_json(folder / "index.json", {"rois": rois})
     np.save(folder / "temporal_means.npy", means)
+    np.save(folder / "temporal_sds.npy", np.full_like(means, 1e-3) if sds is None else sds)
     return folder / "index.tsv"
 
 
@@ -50,6 +52,19 @@ def test_fit_matches_numpy_percentiles_and_floors_flat_rois() -> None:
     assert iqr[2] == 1.0 and floored.tolist() == [False, False, True]
     with pytest.raises(BHConfigError, match="no fMRI subject"):
         fit_robust_scaling(subject_means=np.zeros((0, 3)))
+
+
+def test_demeaned_series_keep_their_units() -> None:
+    # psc-cleaned runs: temporal means ~1e-3 apart, within-run SD ~1. Dividing by
+    # that IQR would scale noise up ~1000-fold, so those ROIs are floored to 1;
+    # a ROI whose means carry a real baseline (IQR >> 0.05 x SD) is scaled.
+    rng = np.random.default_rng(0)
+    subject_means = np.column_stack([rng.normal(0, 1e-3, 50), rng.normal(100, 20, 50)])
+    _, iqr, floored = fit_robust_scaling(subject_means=subject_means, within_sd=np.array([1.0, 1.0]))
+    assert floored.tolist() == [True, False] and iqr[0] == 1.0 and iqr[1] > 10
+    _, _, floored = fit_robust_scaling(subject_means=subject_means, within_sd=np.array([1.0, 1.0]),
+                                       relative_iqr_floor=0.0)
+    assert floored.tolist() == [False, False]
 
 
 def test_compute_scaling_uses_training_split_only(tmp_path: Path) -> None:

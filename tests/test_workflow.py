@@ -81,6 +81,19 @@ def test_demo_subjects_pass_registration_thresholds(reference_run):
         assert (qc[dice] >= 0.97).all(), qc.to_string()
 
 
+
+def test_demo_pretraining_lowers_every_loss_by_30_percent(reference_run):
+    """The issue's quality bar, on the demo cohort with the demo's fixed step counts (config.yaml)."""
+    for model in ("harmonix-f", "harmonix-s", "harmonizer"):
+        folder = reference_run / "results" / "models" / model
+        sidecar = json.loads((folder / "checkpoint.json").read_text())
+        losses = pd.read_csv(folder / "metrics.tsv", sep="\t")["loss"]
+        drop = 1 - losses.iloc[-3:].mean() / losses.iloc[:3].mean()
+        print(f"\n{model}: loss {losses.iloc[:3].mean():.4f} -> {losses.iloc[-3:].mean():.4f} "
+              f"({100 * drop:.0f} % lower) in {len(losses)} steps")
+        assert sidecar["LossDrop"] == pytest.approx(drop)
+        assert drop >= 0.30, model
+
 def test_evaluation_covers_every_task_model_and_baseline(reference_run):
     """One results row per task and model on shared subjects, with probe sizes and permutation p-values."""
     for results in sorted((reference_run / "results" / "evaluation").glob("*_desc-probe_results.tsv")):

@@ -97,13 +97,13 @@ _FACTORIES: dict[str, dict[str, Any]] = {
     "harmonix_f": {
         "base": HarmonixFConfig,
         "tiny": lambda: HarmonixFConfig(
-            embed_dim=64, depth=2, num_heads=4, predictor_dim=32, predictor_depth=1, predictor_heads=4,
+            embed_dim=64, depth=2, num_heads=4, predictor_dim=64, predictor_depth=2, predictor_heads=4,
         ),
     },
     "harmonix_s": {
         "base": HarmonixSConfig,
         "tiny": lambda: HarmonixSConfig(
-            embed_dim=64, depth=2, num_heads=4, decoder_dim=32, decoder_depth=1, decoder_heads=4,
+            embed_dim=64, depth=2, num_heads=4, decoder_dim=64, decoder_depth=2, decoder_heads=4,
         ),
     },
     "harmonizer": {
