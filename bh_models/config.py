@@ -121,6 +121,9 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
     roots: dict[Path, str] = {}
     results = (base_dir / config["results_dir"]).resolve()
     for name, entry in config["datasets"].items():
+        if name == "pooled" and config["evaluate"].get("pooled", True):
+            raise BHConfigError("datasets.pooled", "'pooled' names the all-datasets evaluation",
+                                "rename the dataset, or set evaluate.pooled: false")
         root = (base_dir / entry["bids_root"]).resolve()
         if root in roots:
             raise BHConfigError(

@@ -22,6 +22,7 @@ curves, regression scatter plots), each with one panel per task.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections import Counter
@@ -40,7 +41,7 @@ from bh_models.baselines import (
     fc_feature_table,
     read_embedding_table,
 )
-from bh_models.errors import BHConfigError
+from bh_models.errors import BHConfigError, BHInputError
 from bh_models.jsonio import atomic_write_text, sidecar_path, write_json
 from bh_models.permutation import PermutationResult, permutation_test
 from bh_models.probe import (
@@ -78,6 +79,8 @@ METRIC_LABELS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy
                  "f1_weighted": "F1 (weighted)", "auroc": "AUROC", "pearson_r": "Pearson r",
                  "mae": "MAE"}
 EXCLUSION_REASONS = ("missing_target", "invalid_target", "missing_covariate", "missing_features")
+POOLED = "pooled"  # the "dataset" name of the all-datasets evaluation
+POOLED_COVARIATE = "dataset"  # participants column the pooled evaluation adds and regresses out
 _PERMUTATION_STREAM = 1  # seed sub-stream of the label permutations (folds use others)
 _COLORS = {"fused": "#1b9e77", "fmri_only": "#d95f02", "t1_only": "#7570b3", "fc": "#e7298a",
            "chance": "#999999"}
@@ -197,14 +200,136 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
                 "logistic_c_grid": list(logistic_c_grid),
                 "ridge_alpha_grid": list(ridge_alpha_grid), "class_weight": class_weight,
                 "seed": seed}
-    _write_tsv(results_table(dataset=dataset, outcomes=outcomes, settings=settings),
-               Path(out_results))
+    return _write_outputs(dataset=dataset, outcomes=outcomes, settings=settings, out_results=Path(out_results),
+                          out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
+                          out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
+
+
+def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: Sequence[Path],
+                    timeseries_datasets: Sequence[str], participants: Sequence[Path],
+                    datasets: Sequence[str], tasks: Mapping[str, Mapping[str, Mapping]],
+                    out_results: Path, out_predictions: Path, out_figure_metrics: Path,
+                    out_figure_roc: Path, out_figure_scatter: Path, n_folds: int = 5,
+                    n_repeats: int = 10, n_permutations: int = 200,
+                    logistic_c_grid: Sequence[float] = DEFAULT_C_GRID,
+                    ridge_alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+                    class_weight: str | None = "balanced", seed: int = 0, threads: int = 1) -> dict:
+    """Step function: the same evaluation on every dataset's subjects together.
+
+    Small sites cannot support cross-validated inference alone (8 subjects leave
+    5 to train on), so the subjects of all datasets are also evaluated together.
+    A task is pooled when every dataset configures it identically (column, type,
+    classes, covariates); ``dataset`` is added to its covariates, so site offsets
+    are regressed out of the features inside each training fold. Subjects are
+    labelled ``<dataset>/sub-<label>`` in the outputs.
+
+    Parameters
+    ----------
+    fused, fmri_only, t1_only : Path
+        Embedding TSVs holding every dataset.
+    timeseries : sequence of Path
+        Cleaned parcel time series of all datasets (FC baseline) ...
+    timeseries_datasets : sequence of str
+        ... and the dataset of each.
+    participants : sequence of Path
+        participants.tsv of each dataset, in the order of ``datasets``.
+    datasets : sequence of str
+        Dataset names (config keys).
+    tasks : mapping
+        Dataset name -> its ``targets`` config.
+    Other parameters and outputs as in :func:`evaluate_dataset` (``dataset`` = ``pooled``).
+    """
+    if len(participants) != len(datasets) or len(timeseries) != len(timeseries_datasets):
+        raise ValueError("participants/datasets and timeseries/timeseries_datasets must align")
+    specs = pooled_tasks(tasks={name: parse_tasks(tasks=tasks[name], config_key=f"datasets.{name}.targets")
+                                for name in datasets})
+    embeddings = {"fused": Path(fused), "fmri_only": Path(fmri_only), "t1_only": Path(t1_only)}
+    tables, parts = [], {name: [] for name in (*embeddings, "fc")}
+    for name, path in zip(datasets, participants):
+        table = read_participants(path=Path(path))
+        if POOLED_COVARIATE in table.columns:
+            raise BHInputError(path, f"has a '{POOLED_COVARIATE}' column, which pooled evaluation adds",
+                               "rename that column, or set evaluate.pooled: false")
+        for model, embedding in embeddings.items():
+            parts[model].append(_relabelled(read_embedding_table(path=embedding, name=model, dataset=name),
+                                            dataset=name))
+        runs = [Path(p) for p, d in zip(timeseries, timeseries_datasets) if d == name]
+        if runs:
+            parts["fc"].append(_relabelled(fc_feature_table(timeseries=runs, subjects=table.index), dataset=name))
+        tables.append(table.assign(**{POOLED_COVARIATE: name})
+                      .set_axis([_pooled_label(name, s) for s in table.index], axis=0))
+    combined = pd.concat(tables)
+    # FC only when every dataset has time series: a model must cover the same subjects.
+    feature_tables = [_concatenated(parts[m]) for m in parts if len(parts[m]) == len(datasets)]
+    outcomes = [
+        evaluate_task(spec=spec, participants=combined, participants_path=" + ".join(map(str, participants)),
+                      feature_tables=feature_tables, n_folds=n_folds, n_repeats=n_repeats,
+                      n_permutations=n_permutations,
+                      penalty_grid=(logistic_c_grid if spec.type == "classification" else ridge_alpha_grid),
+                      class_weight=class_weight, seed=seed, threads=threads)
+        for spec in specs
+    ]
+    settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
+                "logistic_c_grid": list(logistic_c_grid), "ridge_alpha_grid": list(ridge_alpha_grid),
+                "class_weight": class_weight, "seed": seed, "datasets": list(datasets)}
+    return _write_outputs(dataset=POOLED, outcomes=outcomes, settings=settings, out_results=Path(out_results),
+                          out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
+                          out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
+
+
+def pooled_tasks(*, tasks: Mapping[str, Sequence[TaskSpec]]) -> list[TaskSpec]:
+    """Tasks configured identically in every dataset, with ``dataset`` added to the covariates.
+
+    Parameters
+    ----------
+    tasks : mapping
+        Dataset name -> its parsed tasks.
+
+    Returns
+    -------
+    list of TaskSpec
+        In the first dataset's order; tasks missing or configured differently
+        anywhere are left out (they are still evaluated per dataset).
+    """
+    names = list(tasks)
+    pooled = []
+    for spec in tasks[names[0]]:
+        same = all(any(other == spec for other in tasks[name]) for name in names[1:])
+        if same:
+            pooled.append(dataclasses.replace(spec, covariates=(*spec.covariates, POOLED_COVARIATE)))
+    return pooled
+
+
+def _pooled_label(dataset: str, subject: str) -> str:
+    return f"{dataset}/{subject}"
+
+
+def _relabelled(table: FeatureTable, *, dataset: str) -> FeatureTable:
+    return dataclasses.replace(table, subjects=np.array([_pooled_label(dataset, s) for s in table.subjects]))
+
+
+def _concatenated(parts: Sequence[FeatureTable]) -> FeatureTable:
+    return FeatureTable(name=parts[0].name, subjects=np.concatenate([p.subjects for p in parts]),
+                        values=np.vstack([p.values for p in parts]), source=", ".join(p.source for p in parts))
+
+
+def bids_subject(label: str) -> str:
+    """``01`` -> ``sub-01``; a pooled ``siteA/01`` -> ``siteA/sub-01``."""
+    dataset, _, subject = label.rpartition("/")
+    return f"{dataset}/sub-{subject}" if dataset else f"sub-{subject}"
+
+
+def _write_outputs(*, dataset: str, outcomes: Sequence[TaskOutcome], settings: Mapping, out_results: Path,
+                   out_predictions: Path, out_figure_metrics: Path, out_figure_roc: Path,
+                   out_figure_scatter: Path) -> dict:
+    """Results TSV + sidecar, predictions TSV, three figures; returns the step summary."""
+    _write_tsv(results_table(dataset=dataset, outcomes=outcomes, settings=settings), out_results)
     write_json(sidecar_path(out_results), _results_sidecar(dataset=dataset, outcomes=outcomes,
                                                            settings=settings))
-    _write_tsv(predictions_table(outcomes=outcomes), Path(out_predictions))
-    _save_figure(plot_metrics(outcomes=outcomes, dataset=dataset), Path(out_figure_metrics))
-    _save_figure(plot_roc(outcomes=outcomes, dataset=dataset), Path(out_figure_roc))
-    _save_figure(plot_scatter(outcomes=outcomes, dataset=dataset), Path(out_figure_scatter))
+    _write_tsv(predictions_table(outcomes=outcomes), out_predictions)
+    _save_figure(plot_metrics(outcomes=outcomes, dataset=dataset), out_figure_metrics)
+    _save_figure(plot_roc(outcomes=outcomes, dataset=dataset), out_figure_roc)
+    _save_figure(plot_scatter(outcomes=outcomes, dataset=dataset), out_figure_scatter)
     return {
         "dataset": dataset,
         "tasks": {
@@ -220,7 +345,7 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
     }
 
 
-def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_path: Path,
+def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_path: Path | str,
                   feature_tables: Sequence[FeatureTable], n_folds: int, n_repeats: int,
                   n_permutations: int, penalty_grid: Sequence[float],
                   class_weight: str | None, seed: int, threads: int = 1) -> TaskOutcome:
@@ -358,7 +483,7 @@ def predictions_table(*, outcomes: Sequence[TaskOutcome]) -> pd.DataFrame:
                 "task": outcome.spec.name,
                 "model": model.model,
                 "repeat": np.repeat(np.arange(n_repeats), n_subjects),
-                "subject": np.tile(["sub-" + s for s in outcome.subjects], n_repeats),
+                "subject": np.tile([bids_subject(s) for s in outcome.subjects], n_repeats),
                 "y_true": np.tile(outcome.y, n_repeats),
                 "score": model.scores.reshape(-1),  # (n_repeats, n_subjects) -> repeat-major
             }))
@@ -375,7 +500,7 @@ def _results_sidecar(*, dataset: str, outcomes: Sequence[TaskOutcome], settings:
                 "Column": o.spec.column, "Type": o.spec.type, "Positive": o.spec.positive,
                 "Negative": list(o.spec.negative), "Covariates": list(o.spec.covariates),
                 "NumberOfSubjects": int(len(o.subjects)),
-                "Excluded": {reason: ["sub-" + s for s in o.excluded.get(reason, [])]
+                "Excluded": {reason: [bids_subject(s) for s in o.excluded.get(reason, [])]
                              for reason in EXCLUSION_REASONS},
             }
             for o in outcomes

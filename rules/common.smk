@@ -1,5 +1,6 @@
 # Config validation, the cohort plan, path helpers, wildcard constraints and input
 # functions. Rules only look names up here; all logic lives in bh_models.
+import re
 import sys
 from pathlib import Path
 
@@ -46,7 +47,8 @@ DATASETS = list(COHORT)
 
 
 wildcard_constraints:
-    dataset="[A-Za-z0-9_-]+",
+    # The configured names only, so that evaluation/pooled_* never reads as a dataset.
+    dataset="|".join(re.escape(name) for name in DATASETS) or "[A-Za-z0-9_-]+",
     subject="[A-Za-z0-9]+",
     bold="sub-[A-Za-z0-9]+(_[a-z]+-[A-Za-z0-9]+)*",
 
@@ -130,7 +132,15 @@ def final_targets():
                           dataset=dataset)
         if config["datasets"][dataset]["targets"]:
             targets += expand(rules.evaluate_dataset.output, dataset=dataset)
+    if pooled_evaluation():
+        targets += [*rules.evaluate_pooled.output]
     return targets
+
+
+def pooled_evaluation():
+    """Evaluate all datasets together: asked for, two or more datasets, and a task they share."""
+    return (config["evaluate"]["pooled"] and len(DATASETS) > 1
+            and all(config["datasets"][d]["targets"] for d in DATASETS))
 
 
 def all_targets():

@@ -38,3 +38,42 @@ rule evaluate_dataset:
         ENV
     script:
         STEP
+
+
+rule evaluate_pooled:
+    input:
+        fused=rules.extract_embeddings.output.out_embeddings,
+        fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
+        t1_only=rules.extract_embeddings.output.out_t1_embeddings,
+        timeseries=lambda w: [p for d in DATASETS for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DATASETS],
+    output:
+        out_results=report(f"{EVAL}/pooled_desc-probe_results.tsv", caption=caption("eval_pooled_results"),
+                           category="Evaluation", labels={"dataset": "pooled", "item": "results table"}),
+        out_predictions=f"{EVAL}/pooled_desc-probe_predictions.tsv",
+        out_figure_metrics=report(f"{EVAL}/pooled_desc-probe_metrics.png", caption=caption("eval_metrics"),
+                                  category="Evaluation", labels={"dataset": "pooled", "item": "metrics"}),
+        out_figure_roc=report(f"{EVAL}/pooled_desc-probe_roc.png", caption=caption("eval_roc"),
+                              category="Evaluation", labels={"dataset": "pooled", "item": "ROC curves"}),
+        out_figure_scatter=report(f"{EVAL}/pooled_desc-probe_scatter.png", caption=caption("eval_scatter"),
+                                  category="Evaluation", labels={"dataset": "pooled", "item": "regression"}),
+    params:
+        step="bh_models.evaluate:evaluate_pooled",
+        datasets=DATASETS,
+        timeseries_datasets=lambda w: [d for d in DATASETS
+                                       for _ in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        tasks={d: config["datasets"][d]["targets"] for d in DATASETS},
+        n_folds=config["evaluate"]["n_folds"],
+        n_repeats=config["evaluate"]["n_repeats"],
+        n_permutations=config["evaluate"]["n_permutations"],
+        seed=SEED,
+    log:
+        log_path("evaluate_pooled", "all"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        ENV
+    script:
+        STEP

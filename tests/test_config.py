@@ -99,3 +99,12 @@ def test_schema_describes_every_key():
             walk(extra, f"{path}*.")
 
     walk(schema, "")
+
+
+def test_dataset_named_pooled_refused_while_pooled_evaluation_is_on(tmp_path):
+    config = base_config(tmp_path)
+    config["datasets"]["pooled"] = config["datasets"].pop("b")
+    with pytest.raises(BHConfigError, match=r"datasets\.pooled.*evaluate\.pooled: false"):
+        check_config(config)
+    config["evaluate"] = {"pooled": False}
+    check_config(config)

@@ -168,3 +168,52 @@ def test_unknown_class_weight_is_a_config_error(tmp_path):
                          out_predictions=tmp_path / "p.tsv", out_figure_metrics=tmp_path / "m.png",
                          out_figure_roc=tmp_path / "roc.png", out_figure_scatter=tmp_path / "s.png",
                          dataset="demo", tasks=TASKS, class_weight="auto")
+
+
+def _two_sites(root):
+    """The synthetic cohort as two datasets, siteB's embeddings shifted by a large site offset."""
+    cohort = _cohort(root / "cohort")
+    datasets = {}
+    for site, offset in (("siteA", 0.0), ("siteB", 5.0)):
+        folder = root / site
+        (folder / "timeseries").mkdir(parents=True)
+        (folder / "participants.tsv").write_bytes((cohort / "participants.tsv").read_bytes())
+        for path in sorted((cohort / "timeseries").glob("*.tsv")):
+            (folder / "timeseries" / path.name).write_bytes(path.read_bytes())
+        datasets[site] = folder
+    for name in ("fused", "fmri", "t1"):
+        table = pd.read_csv(cohort / f"{name}.tsv", sep="\t", dtype={"subject": str})
+        features = table.columns[2:]
+        sites = []
+        for site, offset in (("siteA", 0.0), ("siteB", 5.0)):
+            shifted = table.copy()
+            shifted["dataset"] = site
+            shifted[features] = shifted[features] + offset
+            sites.append(shifted)
+        pd.concat(sites).to_csv(root / f"{name}.tsv", sep="\t", index=False)
+    return datasets
+
+
+def test_pooled_evaluation_regresses_out_the_dataset(tmp_path):
+    from bh_models.evaluate import evaluate_pooled
+    datasets = _two_sites(tmp_path)
+    runs = {site: sorted((folder / "timeseries").glob("*.tsv")) for site, folder in datasets.items()}
+    out = {name: tmp_path / "out" / name for name in ("results.tsv", "predictions.tsv", "metrics.png",
+                                                       "roc.png", "scatter.png")}
+    other_score = {**TASKS["score"], "covariates": ["age"]}  # configured differently at siteB: not pooled
+    evaluate_pooled(
+        fused=tmp_path / "fused.tsv", fmri_only=tmp_path / "fmri.tsv", t1_only=tmp_path / "t1.tsv",
+        timeseries=runs["siteA"] + runs["siteB"],
+        timeseries_datasets=["siteA"] * len(runs["siteA"]) + ["siteB"] * len(runs["siteB"]),
+        participants=[datasets["siteA"] / "participants.tsv", datasets["siteB"] / "participants.tsv"],
+        datasets=["siteA", "siteB"], tasks={"siteA": TASKS, "siteB": {**TASKS, "score": other_score}},
+        out_results=out["results.tsv"], out_predictions=out["predictions.tsv"],
+        out_figure_metrics=out["metrics.png"], out_figure_roc=out["roc.png"],
+        out_figure_scatter=out["scatter.png"], **SETTINGS)
+    results = pd.read_csv(out["results.tsv"], sep="\t").set_index(["task", "model"])
+    assert set(results.index.get_level_values("task")) == {"diagnosis"}
+    fused = results.loc[("diagnosis", "fused")]
+    assert fused["dataset"] == "pooled" and fused["covariates"] == "dataset"
+    assert fused["n_subjects"] == 2 * 21 and fused["permutation_p"] < 0.05
+    predictions = pd.read_csv(out["predictions.tsv"], sep="\t")
+    assert {"siteA/sub-01", "siteB/sub-01"} <= set(predictions["subject"])
