@@ -21,7 +21,8 @@ Subject latents (``ground_truth/<site>/subjects.tsv``)
       drive nothing.
     * Default-network coupling gain ``default_gain``: U(0.3, 0.6) for controls,
       U(1.2, 1.6) for patients; Default amplitude ``default_amplitude``:
-      U(0.9, 1.1) vs U(1.5, 1.8).
+      U(0.9, 1.1) vs U(2.2, 2.6) (strong enough that the pooled 16-subject demo
+      can show it through tiny CPU-trained models).
     * Somatomotor coupling ``sommot_gain = max(0, 0.8 + 0.3 z)`` and amplitude
       ``sommot_amplitude = 1 + 0.25 z``.
     * Structure: ventricle dilation radius U(0, 1) mm (controls) vs U(2.5, 3.5) mm
@@ -400,7 +401,7 @@ def _draw_latents(
         sex=str(rng.choice(["F", "M"])),
         score_latent=z,
         default_gain=float(rng.uniform(1.2, 1.6) if patient else rng.uniform(0.3, 0.6)),
-        default_amplitude=float(rng.uniform(1.5, 1.8) if patient else rng.uniform(0.9, 1.1)),
+        default_amplitude=float(rng.uniform(2.2, 2.6) if patient else rng.uniform(0.9, 1.1)),
         sommot_gain=max(0.0, 0.8 + 0.3 * z),
         sommot_amplitude=1 + 0.25 * z,
         global_amplitude=float(rng.uniform(0.9, 1.1)),

@@ -26,9 +26,10 @@ import dataclasses
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ from bh_models.baselines import (
     read_embedding_table,
 )
 from bh_models.errors import BHConfigError, BHInputError
+from bh_models.finetune import FinetuneSettings, finetune_cross_validated
 from bh_models.jsonio import atomic_write_text, sidecar_path, write_json
 from bh_models.permutation import PermutationResult, permutation_test
 from bh_models.probe import (
@@ -59,7 +61,7 @@ from bh_models.probe import (
     metrics_by_repeat,
     probe_parameter_count,
 )
-from bh_models.targets import TaskSpec, build_task_target, parse_tasks, read_participants
+from bh_models.targets import TaskSpec, build_task_target, parse_tasks, read_participants, subject_label
 
 __desc__ = (
     "Each downstream task was evaluated on the same folds for the fused hub-token embeddings, "
@@ -70,6 +72,7 @@ __desc__ = (
 
 MODEL_LABELS = {
     "fused": "Fused hub tokens",
+    "fused_finetuned": "Fused, fine-tuned",
     "fmri_only": "fMRI only (harmonix-F)",
     "t1_only": "T1 only (harmonix-S)",
     "fc": "FC (Schaefer-400)",
@@ -81,8 +84,9 @@ METRIC_LABELS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy
 EXCLUSION_REASONS = ("missing_target", "invalid_target", "missing_covariate", "missing_features")
 POOLED = "pooled"  # the "dataset" name of the all-datasets evaluation
 POOLED_COVARIATE = "dataset"  # participants column the pooled evaluation adds and regresses out
-_PERMUTATION_STREAM = 1  # seed sub-stream of the label permutations (folds use others)
-_COLORS = {"fused": "#1b9e77", "fmri_only": "#d95f02", "t1_only": "#7570b3", "fc": "#e7298a",
+_PERMUTATION_STREAM = 1
+_FINETUNE_STREAM = 2  # seed sub-stream of the label permutations (folds use others)
+_COLORS = {"fused": "#1b9e77", "fused_finetuned": "#66a61e", "fmri_only": "#d95f02", "t1_only": "#7570b3", "fc": "#e7298a",
            "chance": "#999999"}
 
 
@@ -123,6 +127,82 @@ class TaskOutcome:
     models: list[ModelOutcome]
 
 
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What fine-tuning needs for one evaluation (the ``evaluate.finetune`` option).
+
+    Attributes
+    ----------
+    subjects : numpy.ndarray of str, shape (n_rows,)
+        Subject label of every packed row (several rows per subject are kept together).
+    x : torch.Tensor, shape (n_rows, ...)
+        Packed frozen-encoder tokens (:mod:`bh_models.hub_finetune`).
+    factory : callable
+        ``factory(n_outputs)``: a fresh model with the pretrained weights.
+    settings : FinetuneSettings
+    """
+
+    subjects: np.ndarray
+    x: Any
+    factory: Callable[[int], Any]
+    settings: FinetuneSettings
+
+
+def finetune_job(*, latents: Path | Sequence[Path] | None, harmonizer_checkpoint: Path | Sequence[Path] | None,
+                 settings: Mapping | None, dataset: str | None) -> FinetuneJob | None:
+    """The fine-tuning job of an evaluation step, or None when the option is off.
+
+    ``latents``/``harmonizer_checkpoint`` come from the rule's inputs (empty lists
+    when ``evaluate.finetune.enabled`` is false); ``dataset`` None keeps every
+    dataset's rows, labelled ``<dataset>/<subject>`` as in the pooled evaluation.
+    """
+    def single(value):
+        return value if isinstance(value, (str, Path)) else (value[0] if value else None)
+
+    latents, harmonizer_checkpoint = single(latents), single(harmonizer_checkpoint)
+    if not settings or not settings.get("enabled") or latents is None:
+        return None
+    from bh_models.hub_finetune import HubClassifier, read_latents
+    from bh_models.pretrain import load_pretrained
+
+    datasets, subjects, x = read_latents(path=Path(latents), dataset=dataset)
+    labels = np.array([subject_label(s) for s in subjects])
+    if dataset is None:
+        labels = np.array([_pooled_label(d, s) for d, s in zip(datasets, labels)])
+    harmonizer = load_pretrained(checkpoint=Path(harmonizer_checkpoint), kind="harmonizer")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k != "enabled"}
+    return FinetuneJob(subjects=labels, x=x, factory=lambda n_outputs: HubClassifier(harmonizer, n_outputs),
+                       settings=FinetuneSettings(**options))
+
+
+def _finetuned_outcome(*, job: FinetuneJob, spec: TaskSpec, subjects: np.ndarray, y: np.ndarray,
+                       splits: Sequence[Split], seed: int) -> ModelOutcome:
+    """Fine-tuned Harmonizer on the probe's folds; no permutation test (each would refit everything)."""
+    import torch
+
+    position = {label: i for i, label in enumerate(subjects)}
+    keep = np.array([label in position for label in job.subjects], dtype=bool)
+    row_subject = np.array([position[label] for label in job.subjects[keep]], dtype=np.int64)
+    missing = sorted(set(range(len(subjects))) - set(row_subject.tolist()))
+    if missing:
+        raise BHInputError("latents", f"no packed tokens for subjects {subjects[missing][:5].tolist()}",
+                           "rerun extract_latents on the current store")
+    result = finetune_cross_validated(
+        model_factory=job.factory, inputs=job.x[torch.from_numpy(keep)], row_subject=row_subject, labels=y,
+        splits=splits, task_type=spec.type, settings=job.settings,
+        seed=derived_seed(seed=seed, keys=(_FINETUNE_STREAM,)), progress=f"{spec.name}/fused_finetuned")
+    metrics = metrics_by_repeat(labels=y, scores=result.scores[:, :, None], task_type=spec.type)
+    metric = PRIMARY_METRIC[spec.type]
+    choices = Counter((c["learning_rate"], c["layer_decay"], c["epochs"]) for c in result.selected)
+    (lr, decay, epochs), count = max(choices.items(), key=lambda item: (item[1], item[0]))
+    return ModelOutcome(
+        model="fused_finetuned", n_features=0, n_parameters=result.n_trainable_parameters,
+        metrics={k: v[:, 0] for k, v in metrics.items()},
+        permutation=PermutationResult(metric=metric, observed=float(metrics[metric][0, 0]), p_value=float("nan"),
+                                      null_mean=float("nan"), null_sd=float("nan"), n_permutations=0),
+        scores=result.scores, penalty=f"lr={lr:g} decay={decay:g} epochs={epochs} ({count}/{len(result.selected)} splits)")
+
+
 def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: Sequence[Path],
                      participants: Path, out_results: Path, out_predictions: Path,
                      out_figure_metrics: Path, out_figure_roc: Path, out_figure_scatter: Path,
@@ -131,7 +211,9 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
                      logistic_c_grid: Sequence[float] = DEFAULT_C_GRID,
                      ridge_alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
                      class_weight: str | None = "balanced", seed: int = 0,
-                     threads: int = 1) -> dict:
+                     latents: Path | Sequence[Path] | None = None,
+                     harmonizer_checkpoint: Path | Sequence[Path] | None = None,
+                     finetune: Mapping | None = None, threads: int = 1) -> dict:
     """Linear probes, baselines and permutation tests for every task of one dataset.
 
     Parameters
@@ -164,6 +246,12 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
         Class weighting of the logistic probe.
     seed : int
         Seed of the folds and permutations.
+    latents, harmonizer_checkpoint : Path, optional
+        Packed frozen-encoder tokens and the Harmonizer, for fine-tuning.
+    finetune : mapping, optional
+        ``evaluate.finetune`` config; when ``enabled``, a ``fused_finetuned`` row
+        is added (:func:`bh_models.finetune.finetune_cross_validated`, same folds,
+        no covariates, no permutation test).
     threads : int
         BLAS threads.
 
@@ -193,13 +281,15 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
                       n_permutations=n_permutations,
                       penalty_grid=(logistic_c_grid if spec.type == "classification"
                                     else ridge_alpha_grid),
-                      class_weight=class_weight, seed=seed, threads=threads)
+                      class_weight=class_weight, seed=seed, threads=threads,
+                      finetune=finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint,
+                                            settings=finetune, dataset=dataset))
         for spec in specs
     ]
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid),
                 "ridge_alpha_grid": list(ridge_alpha_grid), "class_weight": class_weight,
-                "seed": seed}
+                "seed": seed, "finetune": dict(finetune or {})}
     return _write_outputs(dataset=dataset, outcomes=outcomes, settings=settings, out_results=Path(out_results),
                           out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
                           out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
@@ -213,7 +303,10 @@ def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: 
                     n_repeats: int = 10, n_permutations: int = 200,
                     logistic_c_grid: Sequence[float] = DEFAULT_C_GRID,
                     ridge_alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
-                    class_weight: str | None = "balanced", seed: int = 0, threads: int = 1) -> dict:
+                    class_weight: str | None = "balanced", seed: int = 0,
+                    latents: Path | Sequence[Path] | None = None,
+                    harmonizer_checkpoint: Path | Sequence[Path] | None = None,
+                    finetune: Mapping | None = None, threads: int = 1) -> dict:
     """Step function: the same evaluation on every dataset's subjects together.
 
     Small sites cannot support cross-validated inference alone (8 subjects leave
@@ -266,12 +359,15 @@ def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: 
                       feature_tables=feature_tables, n_folds=n_folds, n_repeats=n_repeats,
                       n_permutations=n_permutations,
                       penalty_grid=(logistic_c_grid if spec.type == "classification" else ridge_alpha_grid),
-                      class_weight=class_weight, seed=seed, threads=threads)
+                      class_weight=class_weight, seed=seed, threads=threads,
+                      finetune=finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint,
+                                            settings=finetune, dataset=None))
         for spec in specs
     ]
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid), "ridge_alpha_grid": list(ridge_alpha_grid),
-                "class_weight": class_weight, "seed": seed, "datasets": list(datasets)}
+                "class_weight": class_weight, "seed": seed, "datasets": list(datasets),
+                "finetune": dict(finetune or {})}
     return _write_outputs(dataset=POOLED, outcomes=outcomes, settings=settings, out_results=Path(out_results),
                           out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
                           out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
@@ -348,7 +444,8 @@ def _write_outputs(*, dataset: str, outcomes: Sequence[TaskOutcome], settings: M
 def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_path: Path | str,
                   feature_tables: Sequence[FeatureTable], n_folds: int, n_repeats: int,
                   n_permutations: int, penalty_grid: Sequence[float],
-                  class_weight: str | None, seed: int, threads: int = 1) -> TaskOutcome:
+                  class_weight: str | None, seed: int, threads: int = 1,
+                  finetune: FinetuneJob | None = None) -> TaskOutcome:
     """Every model plus chance on one task, on shared folds and permutations.
 
     Parameters
@@ -365,6 +462,8 @@ def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_pa
     class_weight : {"balanced", None}
     seed : int
     threads : int
+    finetune : FinetuneJob, optional
+        Adds the fine-tuned model on the same folds.
 
     Returns
     -------
@@ -402,6 +501,9 @@ def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_pa
             scores=observed.scores[:, :, 0],
             penalty=_most_selected(values=observed.selected[:, 0],
                                    name="C" if spec.type == "classification" else "alpha")))
+    if finetune is not None:
+        models.insert(1, _finetuned_outcome(job=finetune, spec=spec, subjects=target.subjects, y=target.y,
+                                            splits=splits, seed=seed))
     return TaskOutcome(spec=spec, subjects=target.subjects, y=target.y, excluded=excluded,
                        models=models)
 

@@ -598,6 +598,17 @@ def _write_tsv(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def paired_batches(*, store: Path, splits: Sequence[str], batch_size: int, device: torch.device):
+    """Every paired sample of the given splits, in store order, as collated batches on ``device``
+    (one row per fMRI sample with its subject's T1, plus T1-only subjects)."""
+    for split in splits:
+        dataset, collate = _paired_dataset(store=Path(store), split=split, include_unpaired=True)
+        if len(dataset) == 0:
+            continue
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+            yield move_to_device(batch, device)
+
+
 def extract_embeddings(
     *,
     harmonizer_checkpoint: Path,
@@ -658,25 +669,19 @@ def extract_embeddings(
         raise BHInputError(harmonizer_checkpoint, "was trained on encoders of other widths",
                            "pass the harmonix-F/S checkpoints the Harmonizer was trained with")
     hub, fmri_means, t1_means = _SubjectMeans(), _SubjectMeans(), _SubjectMeans()
-    for split in splits:
-        dataset, collate = _paired_dataset(store=Path(store), split=split, include_unpaired=True)
-        if len(dataset) == 0:
-            continue
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-        for batch in loader:
-            batch = move_to_device(batch, device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                z_s, s_mask, z_f, f_mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model)
-                hub_vectors = harmonizer.hub_embedding(z_s, s_mask, z_f, f_mask).float().cpu().numpy()  # (B, D)
-            fmri_vectors = masked_token_mean(z_f.float(), f_mask).cpu().numpy()  # (B, D_F)
-            t1_vectors = z_s.float().mean(dim=1).cpu().numpy()  # (B, D_S)
-            has_fmri, has_t1 = f_mask.any(dim=1).tolist(), s_mask.any(dim=1).tolist()
-            for row, key in enumerate(zip(batch["dataset"], batch["subject"])):
-                hub.add(key, hub_vectors[row])
-                if has_fmri[row]:
-                    fmri_means.add(key, fmri_vectors[row])
-                if has_t1[row]:
-                    t1_means.add(key, t1_vectors[row])
+    for batch in paired_batches(store=Path(store), splits=splits, batch_size=batch_size, device=device):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z_s, s_mask, z_f, f_mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model)
+            hub_vectors = harmonizer.hub_embedding(z_s, s_mask, z_f, f_mask).float().cpu().numpy()  # (B, D)
+        fmri_vectors = masked_token_mean(z_f.float(), f_mask).cpu().numpy()  # (B, D_F)
+        t1_vectors = z_s.float().mean(dim=1).cpu().numpy()  # (B, D_S)
+        has_fmri, has_t1 = f_mask.any(dim=1).tolist(), s_mask.any(dim=1).tolist()
+        for row, key in enumerate(zip(batch["dataset"], batch["subject"])):
+            hub.add(key, hub_vectors[row])
+            if has_fmri[row]:
+                fmri_means.add(key, fmri_vectors[row])
+            if has_t1[row]:
+                t1_means.add(key, t1_vectors[row])
     if not hub.sums:
         raise BHInputError(store, f"no subjects in splits {list(splits)}", "check the packed store")
     tables = {"hub": hub.table("hub"), "fmri": fmri_means.table("fmri"), "t1": t1_means.table("t1")}

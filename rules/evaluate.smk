@@ -1,6 +1,41 @@
 # Downstream evaluation per dataset: linear probes on the frozen embeddings
 # (fused hub tokens, harmonix-F, harmonix-S), the FC baseline and chance, on
 # shared folds, with permutation tests.
+# With evaluate.finetune.enabled, the frozen encoders' tokens of every sample
+# are packed once (extract_latents) and the Harmonizer is fine-tuned as well.
+
+
+rule extract_latents:
+    input:
+        harmonizer_checkpoint=rules.pretrain_harmonizer.output.out_checkpoint,
+        fmri_checkpoint=rules.pretrain_fmri.output.out_checkpoint,
+        t1_checkpoint=rules.pretrain_t1.output.out_checkpoint,
+        geometry=rules.pretrain_fmri.input.geometry,
+        dep_fmri=rules.pretrain_fmri.input.dep_fmri,
+        dep_t1=rules.pretrain_t1.input.dep_t1,
+        dep_scaling=rules.store_scaling.output.out_scaling,
+    output:
+        out_latents=f"{MODELS}/embeddings/desc-latents_tokens.pt",
+    params:
+        step="bh_models.hub_finetune:extract_latents",
+        store=STORE,
+    log:
+        log_path("extract_latents", "all"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+FINETUNE_INPUTS = (
+    dict(latents=rules.extract_latents.output.out_latents,
+         harmonizer_checkpoint=rules.pretrain_harmonizer.output.out_checkpoint)
+    if config["evaluate"]["finetune"]["enabled"] else {}
+)
 
 
 rule evaluate_dataset:
@@ -10,6 +45,7 @@ rule evaluate_dataset:
         t1_only=rules.extract_embeddings.output.out_t1_embeddings,
         timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
         participants=lambda w: bids_file(w, "participants.tsv"),
+        **FINETUNE_INPUTS,
     output:
         out_results=report(f"{EVAL}/{{dataset}}_desc-probe_results.tsv", caption=caption("eval_results"),
                            category="Evaluation", labels={"dataset": "{dataset}", "item": "results table"}),
@@ -27,6 +63,7 @@ rule evaluate_dataset:
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         n_permutations=config["evaluate"]["n_permutations"],
+        finetune=config["evaluate"]["finetune"],
         seed=SEED,
     log:
         log_path("evaluate_dataset", "{dataset}"),
@@ -47,6 +84,7 @@ rule evaluate_pooled:
         t1_only=rules.extract_embeddings.output.out_t1_embeddings,
         timeseries=lambda w: [p for d in DATASETS for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
         participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DATASETS],
+        **FINETUNE_INPUTS,
     output:
         out_results=report(f"{EVAL}/pooled_desc-probe_results.tsv", caption=caption("eval_pooled_results"),
                            category="Evaluation", labels={"dataset": "pooled", "item": "results table"}),
@@ -66,6 +104,7 @@ rule evaluate_pooled:
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         n_permutations=config["evaluate"]["n_permutations"],
+        finetune=config["evaluate"]["finetune"],
         seed=SEED,
     log:
         log_path("evaluate_pooled", "all"),

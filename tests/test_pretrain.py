@@ -277,3 +277,55 @@ def test_data_identity_changes_with_the_packed_data(tmp_path):
     assert data_identity(store=store, modalities=["fmri"]) == first
     (store / "fmri" / "siteA" / "index.tsv").write_text("sample_id\n b\n")
     assert data_identity(store=store, modalities=["fmri"]) != first
+
+
+def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, tmp_path: Path) -> None:
+    """extract_latents packs every sample; the fine-tuned model joins the evaluation on the probe's folds."""
+    from bh_models.evaluate import evaluate_dataset
+    from bh_models.finetune import count_trainable_parameters, model_layers
+    from bh_models.hub_finetune import HubClassifier, pack_latents, read_latents, unpack_latents
+
+    common = dict(harmonizer_checkpoint=pipeline["harmonizer"]["out_checkpoint"],
+                  fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
+                  store=pipeline["store"], geometry=pipeline["geometry"], threads=1)
+    hub_finetune = __import__("bh_models.hub_finetune", fromlist=["extract_latents"])
+    summary = hub_finetune.extract_latents(out_latents=tmp_path / "a.pt", **common)
+    hub_finetune.extract_latents(out_latents=tmp_path / "again" / "a.pt", **common)  # torch stores the name
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "again" / "a.pt").read_bytes()
+    datasets, subjects, x = read_latents(path=tmp_path / "a.pt")
+    assert set(subjects) == set(SUBJECTS) and len(subjects) == summary["n_rows"]
+    harmonizer = pretrain.load_pretrained(checkpoint=pipeline["harmonizer"]["out_checkpoint"], kind="harmonizer")
+    n_s, width = harmonizer.n_s_tokens, x.shape[-1] - 1
+    z_s, s_mask, z_f, f_mask = unpack_latents(x, n_s=n_s, dim_s=width, dim_f=width)
+    assert torch.equal(pack_latents(z_s, s_mask, z_f, f_mask, width=width), x)
+    t1_only = subjects == "07"
+    assert not f_mask[torch.from_numpy(t1_only)].any() and s_mask[torch.from_numpy(t1_only)].all()
+    model = HubClassifier(harmonizer, 2)
+    assert len(model_layers(model=model)) == harmonizer.config.depth + 2
+    with torch.no_grad():  # same hub tokens as the pretrained Harmonizer before any update
+        assert torch.allclose(model.fusion.fuse(z_s, s_mask, z_f, f_mask),
+                              harmonizer.fuse(z_s, s_mask, z_f, f_mask), atol=1e-6)
+
+    labels = sorted(SUBJECTS)
+    participants = tmp_path / "participants.tsv"
+    pd.DataFrame({"participant_id": [f"sub-{s}" for s in labels],
+                  "diagnosis": ["patient" if i % 2 else "control" for i in range(len(labels))]}).to_csv(
+        participants, sep="\t", index=False)
+    embeddings = tmp_path / "emb"
+    pretrain.extract_embeddings(out_embeddings=embeddings / "hub.tsv", out_fmri_embeddings=embeddings / "f.tsv",
+                                out_t1_embeddings=embeddings / "s.tsv", **common)
+    outputs = {name: tmp_path / "eval" / f"{name}.out" for name in
+               ("out_results", "out_predictions", "out_figure_metrics", "out_figure_roc", "out_figure_scatter")}
+    evaluate_dataset(
+        fused=embeddings / "hub.tsv", fmri_only=embeddings / "hub.tsv", t1_only=embeddings / "hub.tsv",
+        timeseries=[], participants=participants, dataset="synth",
+        tasks={"diagnosis": {"column": "diagnosis", "type": "classification", "positive": "patient"}},
+        n_folds=3, n_repeats=1, n_permutations=3, latents=[tmp_path / "a.pt"],
+        harmonizer_checkpoint=[pipeline["harmonizer"]["out_checkpoint"]],
+        finetune={"enabled": True, "learning_rates": [1e-3], "layer_decays": [0.75], "max_epochs": 2,
+                  "batch_size": 4}, **outputs)
+    results = pd.read_csv(outputs["out_results"], sep="\t").set_index("model")
+    row = results.loc["fused_finetuned"]
+    assert row["n_trainable_params"] == count_trainable_parameters(model=HubClassifier(harmonizer, 2))
+    assert 0 <= row["auroc_mean"] <= 1 and np.isnan(row["permutation_p"]) and row["n_permutations"] == 0
+    assert row["selected_penalty"].startswith("lr=0.001 decay=0.75 epochs=")

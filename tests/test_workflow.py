@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 
 from bh_models.recovery import recovery_table
@@ -26,7 +27,7 @@ from workflow_utils import REPO, make_workdir, manifest, results_manifest, snake
 RULES = ["index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table", "func_preprocess",
          "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "augment_samples",
          "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
-         "pretrain_harmonizer", "extract_embeddings", "evaluate_dataset", "exclusion_table",
+         "pretrain_harmonizer", "extract_embeddings", "evaluate_dataset", "evaluate_pooled", "exclusion_table",
          "boilerplate", "audit"]
 
 
@@ -93,6 +94,56 @@ def test_demo_pretraining_lowers_every_loss_by_30_percent(reference_run):
               f"({100 * drop:.0f} % lower) in {len(losses)} steps")
         assert sidecar["LossDrop"] == pytest.approx(drop)
         assert drop >= 0.30, model
+
+
+def test_demo_fused_probe_finds_the_diagnosis(reference_run):
+    """The issue's "real finding": all 15 demo subjects with fMRI (two sites of 7-8 pooled, site
+    regressed out in-fold) - per site, 5 training subjects cannot support cross-validated inference."""
+    results = pd.read_csv(reference_run / "results" / "evaluation" / "pooled_desc-probe_results.tsv", sep="\t")
+    fused = results[(results["task"] == "diagnosis") & (results["model"] == "fused")].iloc[0]
+    print(f"\npooled demo diagnosis, fused: AUROC {fused['auroc_mean']:.3f} +- {fused['auroc_sd']:.3f}, "
+          f"p = {fused['permutation_p']:.4f} ({fused['n_permutations']} permutations, {fused['n_subjects']} subjects)")
+    assert fused["covariates"] == "dataset" and fused["n_subjects"] >= 15
+    assert fused["permutation_p"] < 0.05
+
+
+def test_demo_shuffled_diagnosis_is_not_found(reference_run, tmp_path):
+    """The same pooled evaluation with diagnoses reassigned (half of each site's patients and half of
+    its controls become patients): the fused probe must not beat chance."""
+    from bh_models.evaluate import evaluate_pooled
+
+    config = __import__("yaml").safe_load((reference_run / "config.yaml").read_text())
+    datasets = list(config["datasets"])
+    participants, timeseries, owners = [], [], []
+    for name in datasets:
+        table = pd.read_csv(reference_run / config["datasets"][name]["bids_root"] / "participants.tsv", sep="\t",
+                            dtype=str)
+        shuffled = table["diagnosis"].copy()
+        for label in ("patient", "control"):
+            members = table.index[table["diagnosis"] == label]
+            shuffled[members] = ["patient" if i % 2 == 0 else "control" for i in range(len(members))]
+        path = tmp_path / name / "participants.tsv"
+        path.parent.mkdir()
+        table.assign(diagnosis=shuffled).to_csv(path, sep="\t", index=False)
+        participants.append(path)
+        runs = sorted((reference_run / "results" / "derivatives" / "bh-preproc" / name).glob(
+            "sub-*/func/*_seg-7n_scale-400_timeseries.tsv"))
+        timeseries += runs
+        owners += [name] * len(runs)
+    embeddings = reference_run / "results" / "models" / "embeddings"
+    out = {key: tmp_path / "out" / f"{key}.out" for key in
+           ("out_results", "out_predictions", "out_figure_metrics", "out_figure_roc", "out_figure_scatter")}
+    evaluate_pooled(fused=embeddings / "desc-hub_embeddings.tsv", fmri_only=embeddings / "desc-harmonixF_embeddings.tsv",
+                    t1_only=embeddings / "desc-harmonixS_embeddings.tsv", timeseries=timeseries,
+                    timeseries_datasets=owners, participants=participants, datasets=datasets,
+                    tasks={name: {"diagnosis": config["datasets"][name]["targets"]["diagnosis"]} for name in datasets},
+                    seed=config["seed"], threads=2, **{k: config["evaluate"][k] for k in
+                                                      ("n_folds", "n_repeats", "n_permutations")}, **out)
+    results = pd.read_csv(out["out_results"], sep="\t").set_index("model")
+    print(f"\nshuffled diagnosis, fused: AUROC {results.loc['fused', 'auroc_mean']:.3f}, "
+          f"p = {results.loc['fused', 'permutation_p']:.4f}")
+    assert results.loc["fused", "permutation_p"] >= 0.05
+
 
 def test_evaluation_covers_every_task_model_and_baseline(reference_run):
     """One results row per task and model on shared subjects, with probe sizes and permutation p-values."""
