@@ -28,6 +28,7 @@ from bh_models.train import load_checkpoint, resume_path
 
 N_ROIS, MAX_PATCHES, VOLUME = 32, 3, (30, 32, 34)  # volumes padded to 32 x 32 x 48 = 12 patches
 STEPS = 40
+HARMONIZER_STEPS = 80  # both reconstructions (S and F) must fall by 30 %, not only their sum
 SUBJECTS = {  # subject -> (split, has fMRI, has T1)
     **{f"{i:02d}": ("train", True, True) for i in range(6)},
     "06": ("train", True, False),
@@ -153,7 +154,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, fake_store_module) -> dic
     out["t1_summary"] = pretrain.pretrain_t1(store=store, **out["t1"], **{**TRAIN, "lr": 1e-2})
     out["harmonizer_summary"] = pretrain.pretrain_harmonizer(
         fmri_checkpoint=out["fmri"]["out_checkpoint"], t1_checkpoint=out["t1"]["out_checkpoint"],
-        store=store, geometry=geometry, **out["harmonizer"], **TRAIN,
+        store=store, geometry=geometry, **out["harmonizer"], **{**TRAIN, "lr": 3e-3, "steps": HARMONIZER_STEPS},
     )
     return out
 
@@ -171,14 +172,15 @@ def loss_drop(metrics_path: Path, column: str = "loss") -> tuple[float, float]:
 @pytest.mark.parametrize("name", ["fmri", "t1", "harmonizer"])
 def test_tiny_pretraining_lowers_the_loss_by_30_percent(pipeline: dict, name: str) -> None:
     first, last = loss_drop(pipeline[name]["out_metrics"])
-    print(f"\n{name}: loss {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.0f} % lower) in {STEPS} steps")
+    steps = HARMONIZER_STEPS if name == "harmonizer" else STEPS
+    print(f"\n{name}: loss {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.0f} % lower) in {steps} steps")
     assert last <= 0.7 * first
     summary = pipeline[f"{name}_summary"]
-    assert summary["steps"] == STEPS and summary["resumed_from_step"] == 0
+    assert summary["steps"] == steps and summary["resumed_from_step"] == 0
     assert pipeline[name]["out_curve"].stat().st_size > 0
     sidecar = read_json(sidecar_path(pipeline[name]["out_checkpoint"]))
-    assert sidecar["Steps"] == STEPS and sidecar["FinalLoss"] == pytest.approx(summary["final_loss"])
-    assert sidecar["LossDrop"] == pytest.approx(1 - last / first)
+    assert sidecar["Steps"] == steps and sidecar["FinalLoss"] == pytest.approx(summary["final_loss"])
+    assert sidecar["LossDrop"] == pytest.approx(1 - last / first, abs=1e-4)  # the TSV rounds losses
 
 
 def test_harmonizer_reconstructs_both_modalities(pipeline: dict) -> None:

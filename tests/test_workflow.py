@@ -92,7 +92,7 @@ def test_demo_pretraining_lowers_every_loss_by_30_percent(reference_run):
         drop = 1 - losses.iloc[-3:].mean() / losses.iloc[:3].mean()
         print(f"\n{model}: loss {losses.iloc[:3].mean():.4f} -> {losses.iloc[-3:].mean():.4f} "
               f"({100 * drop:.0f} % lower) in {len(losses)} steps")
-        assert sidecar["LossDrop"] == pytest.approx(drop)
+        assert sidecar["LossDrop"] == pytest.approx(drop, abs=1e-4)  # the TSV rounds losses
         assert drop >= 0.30, model
 
 
