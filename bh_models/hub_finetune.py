@@ -50,6 +50,18 @@ def unpack_latents(x: Tensor, *, n_s: int, dim_s: int, dim_f: int) -> tuple[Tens
     return s[..., :dim_s], s[..., -1] > 0.5, f[..., :dim_f], f[..., -1] > 0.5
 
 
+def pad_patches(row: Tensor, *, n_s: int, n_rois: int, patches: int) -> Tensor:
+    """One packed row with its ROI-major F block ``(R * P_b, C)`` padded per ROI to ``(R * patches, C)``.
+
+    Padding the block's end instead would shift every ROI after the first onto
+    another ROI's positions (token ``r * P + p``).
+    """
+    s_block, f_block = row[:n_s], row[n_s:]  # (N_S, C), (R * P_b, C)
+    f_block = f_block.reshape(n_rois, -1, row.shape[-1])  # (R, P_b, C)
+    f_block = torch.nn.functional.pad(f_block, (0, 0, 0, patches - f_block.shape[1]))  # (R, patches, C), mask 0
+    return torch.cat([s_block, f_block.reshape(n_rois * patches, -1)])
+
+
 class HubClassifier(nn.Module):
     """Pretrained Harmonizer (decoders dropped) + linear head on the mean hub token.
 
@@ -124,8 +136,9 @@ def extract_latents(
         subjects += batch["subject"]
     if not rows:
         raise BHInputError(store, f"no samples in splits {list(splits)}", "check the packed store")
-    longest = max(len(row) for row in rows)  # F blocks differ in patches between batches: pad to the longest
-    x = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, longest - len(row))) for row in rows])
+    n_s, n_rois = harmonizer.n_s_tokens, harmonizer.config.n_rois
+    patches = max((len(row) - n_s) // n_rois for row in rows)  # batches crop to their own longest sample
+    x = torch.stack([pad_patches(row, n_s=n_s, n_rois=n_rois, patches=patches) for row in rows])
     order = sorted(range(len(rows)), key=lambda i: (datasets[i], subjects[i], i))
     save_checkpoint(Path(out_latents), {  # atomic, canonical bytes: reruns are byte-identical
         "format": LATENTS_FORMAT, "dataset": [str(datasets[i]) for i in order],

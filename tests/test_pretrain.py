@@ -308,14 +308,22 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, tmp_path: P
         assert torch.allclose(model.fusion.fuse(z_s, s_mask, z_f, f_mask),
                               harmonizer.fuse(z_s, s_mask, z_f, f_mask), atol=1e-6)
 
+    # Rows of batches with fewer patches are padded per ROI: hub tokens equal the batch-wise extraction's.
+    embeddings = tmp_path / "emb"
+    pretrain.extract_embeddings(out_embeddings=embeddings / "hub.tsv", out_fmri_embeddings=embeddings / "f.tsv",
+                                out_t1_embeddings=embeddings / "s.tsv", **common)
+    hub = pd.read_csv(embeddings / "hub.tsv", sep="\t", dtype={"subject": str}).set_index("subject")
+    with torch.no_grad():
+        rows = harmonizer.hub_embedding(z_s, s_mask, z_f, f_mask).numpy()  # (n_rows, D)
+    assert (f_mask.sum(dim=1) % harmonizer.config.n_rois == 0).all()
+    means = pd.DataFrame(rows).groupby(subjects).mean()
+    assert np.allclose(means.to_numpy(), hub.loc[means.index].iloc[:, 1:].to_numpy(), atol=1e-4)
+
     labels = sorted(SUBJECTS)
     participants = tmp_path / "participants.tsv"
     pd.DataFrame({"participant_id": [f"sub-{s}" for s in labels],
                   "diagnosis": ["patient" if i % 2 else "control" for i in range(len(labels))]}).to_csv(
         participants, sep="\t", index=False)
-    embeddings = tmp_path / "emb"
-    pretrain.extract_embeddings(out_embeddings=embeddings / "hub.tsv", out_fmri_embeddings=embeddings / "f.tsv",
-                                out_t1_embeddings=embeddings / "s.tsv", **common)
     outputs = {name: tmp_path / "eval" / f"{name}.out" for name in
                ("out_results", "out_predictions", "out_figure_metrics", "out_figure_roc", "out_figure_scatter")}
     evaluate_dataset(
