@@ -51,11 +51,14 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _cancel_when_checkpointed(workdir: Path, rule: str, timeout: float = 900) -> str:
+def _cancel_when_checkpointed(workdir: Path, rule: str, run: subprocess.Popen, timeout: float = 900) -> str:
     """scancel the SLURM job of `rule` once it has written a resumable checkpoint."""
     resume = workdir / "results" / "models" / "harmonix-f" / "checkpoint.resume.pt"
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if run.poll() is not None:  # snakemake stopped first: say why now, not after the timeout
+            raise AssertionError(f"snakemake exited ({run.returncode}) before {rule} checkpointed "
+                                 f"(is the slurm profile linked? run .ci/install):\n{run.stdout.read()[-3000:]}")
         if resume.exists():
             queue = subprocess.run(["squeue", "-h", "-o", "%i|%k"], capture_output=True, text=True).stdout
             jobs = [line.split("|")[0] for line in queue.splitlines() if f"rule_{rule}" in line]
@@ -72,7 +75,7 @@ def test_slurm_run_survives_a_cancelled_pretraining_job(slurm_cluster, reference
     cmd = [os.sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), *SLURM_ARGS]
     first = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    cancelled = _cancel_when_checkpointed(workdir, "pretrain_fmri")
+    cancelled = _cancel_when_checkpointed(workdir, "pretrain_fmri", first)
     output, _ = first.communicate(timeout=1800)
     assert first.returncode != 0, "the cancelled job should fail the first invocation"
     assert (workdir / "results" / "models" / "harmonix-f" / "checkpoint.resume.pt").exists(), output[-3000:]
