@@ -336,6 +336,10 @@ def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: 
         raise ValueError("participants/datasets and timeseries/timeseries_datasets must align")
     specs = pooled_tasks(tasks={name: parse_tasks(tasks=tasks[name], config_key=f"datasets.{name}.targets")
                                 for name in datasets})
+    if not specs:
+        raise BHConfigError("evaluate.pooled", "no task is configured identically in every dataset",
+                            "give the datasets a shared task (same column, type and classes) or set "
+                            "evaluate.pooled: false")
     embeddings = {"fused": Path(fused), "fmri_only": Path(fmri_only), "t1_only": Path(t1_only)}
     tables, parts = [], {name: [] for name in (*embeddings, "fc")}
     for name, path in zip(datasets, participants):

@@ -139,8 +139,14 @@ def final_targets():
 
 def pooled_evaluation():
     """Evaluate all datasets together: asked for, two or more datasets, and a task they share."""
-    return (config["evaluate"]["pooled"] and len(DATASETS) > 1
-            and all(config["datasets"][d]["targets"] for d in DATASETS))
+    from bh_models.evaluate import pooled_tasks
+    from bh_models.targets import parse_tasks
+
+    if not config["evaluate"]["pooled"] or len(DATASETS) < 2:
+        return False
+    tasks = {d: parse_tasks(tasks=config["datasets"][d]["targets"], config_key=f"datasets.{d}.targets")
+             for d in DATASETS}
+    return bool(pooled_tasks(tasks=tasks))
 
 
 def all_targets():

@@ -217,3 +217,18 @@ def test_pooled_evaluation_regresses_out_the_dataset(tmp_path):
     assert fused["n_subjects"] == 2 * 21 and fused["permutation_p"] < 0.05
     predictions = pd.read_csv(out["predictions.tsv"], sep="\t")
     assert {"siteA/sub-01", "siteB/sub-01"} <= set(predictions["subject"])
+
+
+def test_pooled_evaluation_needs_a_shared_task(tmp_path):
+    from bh_models.evaluate import evaluate_pooled
+    datasets = _two_sites(tmp_path)
+    other = {"diagnosis": {**TASKS["diagnosis"], "positive": "control"}}
+    with pytest.raises(BHConfigError, match="evaluate.pooled.*no task is configured identically"):
+        evaluate_pooled(
+            fused=tmp_path / "fused.tsv", fmri_only=tmp_path / "fmri.tsv", t1_only=tmp_path / "t1.tsv",
+            timeseries=[], timeseries_datasets=[],
+            participants=[datasets["siteA"] / "participants.tsv", datasets["siteB"] / "participants.tsv"],
+            datasets=["siteA", "siteB"], tasks={"siteA": {"diagnosis": TASKS["diagnosis"]}, "siteB": other},
+            out_results=tmp_path / "r.tsv", out_predictions=tmp_path / "p.tsv",
+            out_figure_metrics=tmp_path / "m.png", out_figure_roc=tmp_path / "roc.png",
+            out_figure_scatter=tmp_path / "s.png", **SETTINGS)
