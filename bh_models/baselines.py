@@ -77,14 +77,31 @@ class FeatureTable:
         row_subject : numpy.ndarray of int, shape (n_rows_kept,)
             Position in ``subjects`` of each row.
         """
-        position = {label: i for i, label in enumerate(subjects)}
-        keep = np.array([label in position for label in self.subjects], dtype=bool)
-        row_subject = np.array([position[label] for label in self.subjects[keep]], dtype=np.int64)
-        absent = set(range(len(subjects))) - set(row_subject.tolist())
-        if absent:
-            missing = sorted(subjects[sorted(absent)])[:5]
-            raise ValueError(f"{self.name}: no rows for subjects {missing}")
+        keep, row_subject = match_rows(row_labels=self.subjects, subjects=subjects, name=self.name)
         return self.values[keep], row_subject
+
+
+def match_rows(*, row_labels: np.ndarray, subjects: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows belong to ``subjects``, and the subject position of each kept row.
+
+    Returns
+    -------
+    keep : numpy.ndarray of bool, shape (n_rows,)
+    row_subject : numpy.ndarray of int, shape (n_rows_kept,)
+
+    Raises
+    ------
+    ValueError
+        When a subject has no row (named after ``name``).
+    """
+    position = {label: i for i, label in enumerate(subjects)}
+    keep = np.array([label in position for label in row_labels], dtype=bool)
+    row_subject = np.array([position[label] for label in row_labels[keep]], dtype=np.int64)
+    absent = set(range(len(subjects))) - set(row_subject.tolist())
+    if absent:
+        missing = sorted(subjects[sorted(absent)])[:5]
+        raise ValueError(f"{name}: no rows for subjects {missing}")
+    return keep, row_subject
 
 
 def read_embedding_table(*, path: Path, name: str, dataset: str | None = None) -> FeatureTable:

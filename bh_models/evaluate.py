@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
@@ -40,6 +41,7 @@ from bh_models.baselines import (
     FeatureTable,
     chance_cross_validated_scores,
     fc_feature_table,
+    match_rows,
     read_embedding_table,
 )
 from bh_models.errors import BHConfigError, BHInputError
@@ -84,8 +86,8 @@ METRIC_LABELS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy
 EXCLUSION_REASONS = ("missing_target", "invalid_target", "missing_covariate", "missing_features")
 POOLED = "pooled"  # the "dataset" name of the all-datasets evaluation
 POOLED_COVARIATE = "dataset"  # participants column the pooled evaluation adds and regresses out
-_PERMUTATION_STREAM = 1
-_FINETUNE_STREAM = 2  # seed sub-stream of the label permutations (folds use others)
+_PERMUTATION_STREAM = 1  # seed sub-stream of the label permutations (folds use others)
+_FINETUNE_STREAM = 2  # seed sub-stream of fine-tuning (initialisation, batch order)
 _COLORS = {"fused": "#1b9e77", "fused_finetuned": "#66a61e", "fmri_only": "#d95f02", "t1_only": "#7570b3", "fc": "#e7298a",
            "chance": "#999999"}
 
@@ -178,15 +180,10 @@ def finetune_job(*, latents: Path | Sequence[Path] | None, harmonizer_checkpoint
 def _finetuned_outcome(*, job: FinetuneJob, spec: TaskSpec, subjects: np.ndarray, y: np.ndarray,
                        splits: Sequence[Split], seed: int) -> ModelOutcome:
     """Fine-tuned Harmonizer on the probe's folds; no permutation test (each would refit everything)."""
-    import torch
-
-    position = {label: i for i, label in enumerate(subjects)}
-    keep = np.array([label in position for label in job.subjects], dtype=bool)
-    row_subject = np.array([position[label] for label in job.subjects[keep]], dtype=np.int64)
-    missing = sorted(set(range(len(subjects))) - set(row_subject.tolist()))
-    if missing:
-        raise BHInputError("latents", f"no packed tokens for subjects {subjects[missing][:5].tolist()}",
-                           "rerun extract_latents on the current store")
+    try:
+        keep, row_subject = match_rows(row_labels=job.subjects, subjects=subjects, name="latents")
+    except ValueError as err:
+        raise BHInputError("latents", f"no packed tokens ({err})", "rerun extract_latents on the current store")
     result = finetune_cross_validated(
         model_factory=job.factory, inputs=job.x[torch.from_numpy(keep)], row_subject=row_subject, labels=y,
         splits=splits, task_type=spec.type, settings=job.settings,
@@ -275,21 +272,14 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
     if timeseries:
         feature_tables.append(fc_feature_table(timeseries=[Path(p) for p in timeseries],
                                                subjects=table.index))
-    outcomes = [
-        evaluate_task(spec=spec, participants=table, participants_path=Path(participants),
-                      feature_tables=feature_tables, n_folds=n_folds, n_repeats=n_repeats,
-                      n_permutations=n_permutations,
-                      penalty_grid=(logistic_c_grid if spec.type == "classification"
-                                    else ridge_alpha_grid),
-                      class_weight=class_weight, seed=seed, threads=threads,
-                      finetune=finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint,
-                                            settings=finetune, dataset=dataset))
-        for spec in specs
-    ]
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid),
                 "ridge_alpha_grid": list(ridge_alpha_grid), "class_weight": class_weight,
                 "seed": seed, "finetune": dict(finetune or {})}
+    job = finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint, settings=finetune,
+                       dataset=dataset)
+    outcomes = _evaluate_tasks(specs=specs, participants=table, participants_path=Path(participants),
+                               feature_tables=feature_tables, settings=settings, finetune=job, threads=threads)
     return _write_outputs(dataset=dataset, outcomes=outcomes, settings=settings, out_results=Path(out_results),
                           out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
                           out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
@@ -358,23 +348,33 @@ def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: 
     combined = pd.concat(tables)
     # FC only when every dataset has time series: a model must cover the same subjects.
     feature_tables = [_concatenated(parts[m]) for m in parts if len(parts[m]) == len(datasets)]
-    outcomes = [
-        evaluate_task(spec=spec, participants=combined, participants_path=" + ".join(map(str, participants)),
-                      feature_tables=feature_tables, n_folds=n_folds, n_repeats=n_repeats,
-                      n_permutations=n_permutations,
-                      penalty_grid=(logistic_c_grid if spec.type == "classification" else ridge_alpha_grid),
-                      class_weight=class_weight, seed=seed, threads=threads,
-                      finetune=finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint,
-                                            settings=finetune, dataset=None))
-        for spec in specs
-    ]
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid), "ridge_alpha_grid": list(ridge_alpha_grid),
                 "class_weight": class_weight, "seed": seed, "datasets": list(datasets),
                 "finetune": dict(finetune or {})}
+    job = finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint, settings=finetune,
+                       dataset=None)
+    outcomes = _evaluate_tasks(specs=specs, participants=combined,
+                               participants_path=" + ".join(map(str, participants)),
+                               feature_tables=feature_tables, settings=settings, finetune=job, threads=threads)
     return _write_outputs(dataset=POOLED, outcomes=outcomes, settings=settings, out_results=Path(out_results),
                           out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
                           out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
+
+
+def _evaluate_tasks(*, specs: Sequence[TaskSpec], participants: pd.DataFrame, participants_path: Path | str,
+                    feature_tables: Sequence[FeatureTable], settings: Mapping, finetune: FinetuneJob | None,
+                    threads: int) -> list[TaskOutcome]:
+    """:func:`evaluate_task` for every task, with the step's settings (folds, grids, seed)."""
+    return [
+        evaluate_task(spec=spec, participants=participants, participants_path=participants_path,
+                      feature_tables=feature_tables, n_folds=settings["n_folds"], n_repeats=settings["n_repeats"],
+                      n_permutations=settings["n_permutations"],
+                      penalty_grid=settings["logistic_c_grid" if spec.type == "classification" else "ridge_alpha_grid"],
+                      class_weight=settings["class_weight"], seed=settings["seed"], threads=threads,
+                      finetune=finetune)
+        for spec in specs
+    ]
 
 
 def pooled_tasks(*, tasks: Mapping[str, Sequence[TaskSpec]]) -> list[TaskSpec]:

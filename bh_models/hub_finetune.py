@@ -119,14 +119,14 @@ def extract_latents(
     ``harmonizer_checkpoint`` (file name). A subject's rows are its fMRI samples
     (runs and TR variants) paired with its T1, or its single T1-only row.
     """
-    from bh_models.pretrain import _load_encoders, encode_latents, load_pretrained, paired_batches
+    from bh_models.pretrain import encode_latents, load_frozen_models, paired_batches
     from bh_models.train import save_checkpoint
 
     torch.set_num_threads(max(1, threads))
     device = torch.device("cpu")
-    fmri_model, t1_model = _load_encoders(fmri_checkpoint=Path(fmri_checkpoint), t1_checkpoint=Path(t1_checkpoint),
-                                          geometry=Path(geometry), device=device)
-    harmonizer = load_pretrained(checkpoint=Path(harmonizer_checkpoint), kind="harmonizer")
+    fmri_model, t1_model, harmonizer = load_frozen_models(
+        harmonizer_checkpoint=Path(harmonizer_checkpoint), fmri_checkpoint=Path(fmri_checkpoint),
+        t1_checkpoint=Path(t1_checkpoint), geometry=Path(geometry), device=device)
     width = max(harmonizer.config.dim_s, harmonizer.config.dim_f)
     rows, datasets, subjects = [], [], []
     for batch in paired_batches(store=Path(store), splits=splits, batch_size=batch_size, device=device):

@@ -598,6 +598,19 @@ def _write_tsv(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def load_frozen_models(
+    *, harmonizer_checkpoint: Path, fmri_checkpoint: Path, t1_checkpoint: Path, geometry: Path, device: torch.device
+) -> tuple[HarmonixF, HarmonixS, Harmonizer]:
+    """The two pretrained encoders and the Harmonizer trained on them, checked to fit together."""
+    fmri_model, t1_model = _load_encoders(fmri_checkpoint=fmri_checkpoint, t1_checkpoint=t1_checkpoint,
+                                          geometry=geometry, device=device)
+    harmonizer = load_pretrained(checkpoint=harmonizer_checkpoint, kind="harmonizer").to(device)
+    if (harmonizer.config.dim_s, harmonizer.config.dim_f) != (t1_model.config.embed_dim, fmri_model.config.embed_dim):
+        raise BHInputError(harmonizer_checkpoint, "was trained on encoders of other widths",
+                           "pass the harmonix-F/S checkpoints the Harmonizer was trained with")
+    return fmri_model, t1_model, harmonizer
+
+
 def paired_batches(*, store: Path, splits: Sequence[str], batch_size: int, device: torch.device):
     """Every paired sample of the given splits, in store order, as collated batches on ``device``
     (one row per fMRI sample with its subject's T1, plus T1-only subjects)."""
@@ -660,14 +673,10 @@ def extract_embeddings(
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
     device = context.device
-    fmri_model, t1_model = _load_encoders(
-        fmri_checkpoint=Path(fmri_checkpoint), t1_checkpoint=Path(t1_checkpoint), geometry=Path(geometry),
-        device=device,
+    fmri_model, t1_model, harmonizer = load_frozen_models(
+        harmonizer_checkpoint=Path(harmonizer_checkpoint), fmri_checkpoint=Path(fmri_checkpoint),
+        t1_checkpoint=Path(t1_checkpoint), geometry=Path(geometry), device=device,
     )
-    harmonizer = load_pretrained(checkpoint=Path(harmonizer_checkpoint), kind="harmonizer").to(device)
-    if (harmonizer.config.dim_s, harmonizer.config.dim_f) != (t1_model.config.embed_dim, fmri_model.config.embed_dim):
-        raise BHInputError(harmonizer_checkpoint, "was trained on encoders of other widths",
-                           "pass the harmonix-F/S checkpoints the Harmonizer was trained with")
     hub, fmri_means, t1_means = _SubjectMeans(), _SubjectMeans(), _SubjectMeans()
     for batch in paired_batches(store=Path(store), splits=splits, batch_size=batch_size, device=device):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
