@@ -52,17 +52,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from bh_models.bundle import check_settings, read_bundle, settings_from_config
     from bh_models.cohort import plan_cohort
-    from bh_models.config import load_config
+    from bh_models.config import load_config, pretraining_datasets
 
     config = load_config(args.configfile)
-    for name, plan in plan_cohort(config).items():
-        print(f"{name}: {len(plan.anat_subjects)} T1w subjects, {len(plan.bold_stems)} BOLD runs, "
-              f"{len(plan.problems)} problems")
-        for row in plan.problems.itertuples():
-            print(f"  problem: {row.path}: {row.reason}")
+    if config["example_only"]:
+        print(f"{args.configfile}: documented example (example_only: true); bids_root values are placeholders "
+              "and are not read")
+        for name, entry in config["datasets"].items():
+            tasks = ", ".join(f"{task} ({spec['type']})" for task, spec in entry["targets"].items()) or "no targets"
+            print(f"  {name} ({entry['role']}): {entry['bids_root']}; TR "
+                  f"{entry['tr_override'] or 'from sidecars'}; {tasks}")
+    else:
+        for name, plan in plan_cohort(config).items():
+            print(f"{name} ({config['datasets'][name]['role']}): {len(plan.anat_subjects)} T1w subjects, "
+                  f"{len(plan.bold_stems)} BOLD runs, {len(plan.problems)} problems")
+            for row in plan.problems.itertuples():
+                print(f"  problem: {row.path}: {row.reason}")
+    bundle = config["model"]["bundle"]
+    if bundle:
+        check_settings(bundle=read_bundle(bundle), expected=settings_from_config(config), bundle_path=bundle)
+        print(f"model: the existing bundle {bundle} (settings match this config; no pretraining)")
+    else:
+        print(f"model: pretrained here on {', '.join(pretraining_datasets(config))}; bundle written to "
+              f"{config['results_dir']}/models")
     print(f"{args.configfile}: OK")
     return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from bh_models.bundle import main as bundle_main
+
+    return bundle_main(args.rest)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -88,15 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if any problem is found")
     p.set_defaults(func=_cmd_index)
 
-    p = sub.add_parser("demo", help="write the seeded demo cohort (two BIDS sites + ground truth)")
+    p = sub.add_parser("demo", help="write the seeded demo cohort (three BIDS sites + ground truth)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subjects-per-site", type=int, default=None, help="default: 8")
+    p.add_argument("--subjects-per-site", type=int, default=None, help="default: siteA 6, siteB 6, siteC 16")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("check-config", help="validate config.yaml and show what each dataset contributes")
     p.add_argument("configfile", type=Path, nargs="?", default=Path("config.yaml"))
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("bundle", help="model bundle tools: `bh bundle verify PATH` checks every file's sha256")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bundle)
 
     p = sub.add_parser("audit", help="re-hash results and check them against their provenance")
     p.add_argument("results_dir", type=Path)

@@ -117,7 +117,59 @@ def check_config(config: dict, *, schema_path: str | os.PathLike = SCHEMA_PATH, 
     return config
 
 
+PRETRAIN_ROLES = ("pretrain", "both")
+DOWNSTREAM_ROLES = ("downstream", "both")
+
+
+def pretraining_datasets(config: Mapping) -> list[str]:
+    """Datasets that feed the store and the pretraining jobs, in config order."""
+    return [name for name, entry in config["datasets"].items() if entry.get("role", "pretrain") in PRETRAIN_ROLES]
+
+
+def downstream_datasets(config: Mapping) -> list[str]:
+    """Datasets that are encoded by the frozen models and evaluated, in config order."""
+    return [name for name, entry in config["datasets"].items() if entry.get("role", "pretrain") in DOWNSTREAM_ROLES]
+
+
+def _check_roles(config: dict) -> None:
+    """Dataset roles against targets and model.bundle (see the schema's ``role``)."""
+    bundle = config["model"]["bundle"]
+    for name, entry in config["datasets"].items():
+        key = f"datasets.{name}"
+        if entry["role"] in DOWNSTREAM_ROLES and not entry.get("targets"):
+            raise BHConfigError(f"{key}.targets", f"a dataset with role {entry['role']} needs at least one target",
+                                "add e.g. `diagnosis: {column: diagnosis, type: classification, positive: patient}`, "
+                                "or set role: pretrain")
+        if entry["role"] == "pretrain" and entry.get("targets"):
+            raise BHConfigError(f"{key}.targets", "targets of a role pretrain dataset would never be evaluated",
+                                "set role: both to also evaluate this dataset on its own subjects, or remove targets")
+        if bundle and entry["role"] in PRETRAIN_ROLES:
+            raise BHConfigError(f"{key}.role", f"is {entry['role']}, but model.bundle is set, so nothing is "
+                                "pretrained", "set role: downstream, or remove model.bundle to pretrain")
+    if not bundle and not pretraining_datasets(config):
+        raise BHConfigError("model.bundle", "is not set and no dataset has role pretrain or both: nothing would "
+                            "train the models", "give a pretraining dataset, or set model.bundle to an existing "
+                            "bundle (e.g. results/models of an earlier run)")
+
+
+PLACEHOLDER = "PLACEHOLDER"  # marks the made-up paths of documented example configs
+
+
+def _check_placeholders(config: dict) -> None:
+    """Placeholder paths belong only in configs marked ``example_only``."""
+    if config["example_only"]:
+        return
+    paths = {"results_dir": config["results_dir"], "model.bundle": config["model"]["bundle"] or "",
+             **{f"datasets.{name}.bids_root": entry["bids_root"] for name, entry in config["datasets"].items()}}
+    for key, value in paths.items():
+        if PLACEHOLDER in str(value):
+            raise BHConfigError(key, f"{value!r} is a placeholder of an example config",
+                                "set the real path (copied from workflow/examples? set every bids_root)")
+
+
 def _check_semantics(config: dict, base_dir: Path) -> None:
+    _check_roles(config)
+    _check_placeholders(config)
     roots: dict[Path, str] = {}
     results = (base_dir / config["results_dir"]).resolve()
     for name, entry in config["datasets"].items():

@@ -1,10 +1,11 @@
-"""Demo cohort: two small synthetic BIDS "sites" with known ground truth.
+"""Demo cohort: three small synthetic BIDS "sites" with known ground truth.
 
-``write_demo_cohort(out_dir)`` (CLI: ``bh demo OUT_DIR``) writes, with 8
-subjects per site by default (``subjects_per_site``)::
+``write_demo_cohort(out_dir)`` (CLI: ``bh demo OUT_DIR``) writes, following the
+paper's protocol (pretrain on some cohorts, evaluate on another)::
 
-    out_dir/siteA/            BIDS, TR 0.735 s, 160 volumes per run
-    out_dir/siteB/            BIDS, TR 2.0 s, 100 volumes per run
+    out_dir/siteA/            pretraining site, 6 subjects, TR 0.735 s, 160 volumes per run
+    out_dir/siteB/            pretraining site, 6 subjects, TR 2.0 s, 100 volumes per run
+    out_dir/siteC/            downstream site, 16 subjects, TR 1.5 s, 100 volumes per run
     out_dir/ground_truth/<site>/subjects.tsv                       latents + affine
     out_dir/ground_truth/<site>/<bold stem>_timeseries.tsv        true parcel series
     out_dir/ground_truth/<site>/<bold stem>_motion.tsv            true head motion
@@ -108,8 +109,8 @@ from bh_models.templates import (
 )
 
 __desc__ = (
-    "The demo cohort was simulated with bh_models.demo: two sites (TR 0.735 s "
-    "and 2.0 s) whose T1w images are the MNI152NLin2009cAsym brain inside a "
+    "The demo cohort was simulated with bh_models.demo: two pretraining sites (TR 0.735 s "
+    "and 2.0 s) and a downstream site (TR 1.5 s) whose T1w images are the MNI152NLin2009cAsym brain inside a "
     "synthetic head under a random per-subject affine, bias field and Rician "
     "noise, and whose rest BOLD runs carry band-passed (0.01-0.1 Hz) "
     "Schaefer-400 parcel time series with HCP group connectivity; diagnosis "
@@ -126,7 +127,6 @@ MOTION_MAX_MM = 0.3           # ceiling of any voxel's displacement in any volum
 BOLD_NOISE = 0.015            # noise sd as a fraction of the mean brain baseline
 T1_NOISE = 0.02               # Rician sigma as a fraction of white matter intensity
 BOLD_VOXEL_MM = 4.0           # coarse on purpose: small files, fast downstream demo
-DEFAULT_SUBJECTS_PER_SITE = 8
 T1_VOXEL_MM = 1.0
 MAX_HEAD_SCALE = 1.2          # largest per-subject scaling of the head shells
 MIN_HEAD_SCALE = 0.85
@@ -150,9 +150,11 @@ EPI_TISSUE_WEIGHTS = {"wm": 0.75, "gm": 1.0, "csf": 1.6}
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """Acquisition of one demo site."""
+    """Acquisition of one demo site, and what the demo config uses it for."""
 
     name: str
+    role: str                   # config role: pretraining sites carry no targets
+    n_subjects: int             # default size
     repetition_time: float      # seconds
     n_volumes: int
     t1_gain: float              # int16 units per template intensity unit
@@ -163,9 +165,12 @@ class SiteSpec:
     field_strength: float       # tesla, sidecar only
 
 
+# Two pretraining sites and a labelled downstream site with a TR of its own, as in the
+# paper's protocol (pretrain on large cohorts, evaluate on others never trained on).
 SITES = (
-    SiteSpec("siteA", 0.735, 160, 1150.0, 600.0, 0.06, 0.030, 52.0, 3.0),
-    SiteSpec("siteB", 2.0, 100, 800.0, 900.0, 0.09, 0.030, 90.0, 1.5),
+    SiteSpec("siteA", "pretrain", 6, 0.735, 160, 1150.0, 600.0, 0.06, 0.030, 52.0, 3.0),
+    SiteSpec("siteB", "pretrain", 6, 2.0, 100, 800.0, 900.0, 0.09, 0.030, 90.0, 1.5),
+    SiteSpec("siteC", "downstream", 16, 1.5, 100, 1000.0, 750.0, 0.07, 0.035, 75.0, 3.0),
 )
 
 
@@ -790,15 +795,20 @@ def _remove_previous_output(out_dir: Path) -> None:
             shutil.rmtree(truth_dir)
 
 
-def _cohort_latents(*, seed: int, subjects_per_site: int) -> dict[str, list[SubjectLatents]]:
+def _site_sizes(subjects_per_site: int | None) -> dict[str, int]:
+    return {site.name: site.n_subjects if subjects_per_site is None else subjects_per_site for site in SITES}
+
+
+def _cohort_latents(*, seed: int, subjects_per_site: int | None = None) -> dict[str, list[SubjectLatents]]:
     """Latents of every subject: balanced diagnosis per site, siteB's last subject T1w only."""
     cohort = {}
     for site_index, site in enumerate(SITES):
-        order = _rng(seed, site_index, 0, 0).permutation(subjects_per_site)
-        patients = set(order[: subjects_per_site // 2].tolist())
+        n_subjects = _site_sizes(subjects_per_site)[site.name]
+        order = _rng(seed, site_index, 0, 0).permutation(n_subjects)
+        patients = set(order[: n_subjects // 2].tolist())
         subjects = []
-        for i in range(subjects_per_site):
-            if site.name == "siteB" and i == subjects_per_site - 1:
+        for i in range(n_subjects):
+            if site.name == "siteB" and i == n_subjects - 1:
                 n_runs = 0      # unpaired subject: the pipeline must handle T1w without BOLD
             elif site.name == "siteA" and i == 0:
                 n_runs = 2      # two runs of one subject: run entities and per-run outputs
@@ -911,22 +921,21 @@ def _map_subjects(jobs: list[_SubjectJob]) -> list[list[dict[str, str]]]:
         return list(progress(pool.map(_write_subject, jobs)))
 
 
-def write_demo_cohort(
-    out_dir: Path, *, seed: int = 0, subjects_per_site: int = DEFAULT_SUBJECTS_PER_SITE
-) -> dict:
-    """Write the two-site demo cohort (BIDS) and its ground truth under ``out_dir``.
+def write_demo_cohort(out_dir: Path, *, seed: int = 0, subjects_per_site: int | None = None) -> dict:
+    """Write the three-site demo cohort (BIDS) and its ground truth under ``out_dir``.
 
     Parameters
     ----------
     out_dir : Path
-        Destination. ``siteA/``, ``siteB/`` and ``ground_truth/`` are created in
-        it; earlier demo output there is replaced, anything else is refused.
-        Nothing is written outside ``out_dir``.
+        Destination. ``siteA/``, ``siteB/``, ``siteC/`` and ``ground_truth/`` are
+        created in it; earlier demo output there is replaced, anything else is
+        refused. Nothing is written outside ``out_dir``.
     seed : int
         Seed of every random draw; the same seed writes byte-identical files.
-    subjects_per_site : int
-        Subjects per site (>= 2). In siteB the last subject has a T1w only; in
-        siteA ``sub-01`` has two BOLD runs (``run-1``, ``run-2``).
+    subjects_per_site : int, optional
+        Subjects of every site (>= 2); None = each site's default (:data:`SITES`:
+        6, 6 and 16). In siteB the last subject has a T1w only; in siteA
+        ``sub-01`` has two BOLD runs (``run-1``, ``run-2``).
 
     Returns
     -------
@@ -937,15 +946,18 @@ def write_demo_cohort(
         subject, and the BOLD, true-series and motion paths relative to
         ``out_dir``); ``n_files`` and ``n_bytes`` written.
     """
-    if isinstance(subjects_per_site, bool) or not isinstance(subjects_per_site, (int, np.integer)) \
-            or subjects_per_site < 2:
+    if subjects_per_site is not None and (
+            isinstance(subjects_per_site, bool) or not isinstance(subjects_per_site, (int, np.integer))
+            or subjects_per_site < 2):
         raise BHConfigError(
             "subjects_per_site", f"{subjects_per_site!r} is too small",
             "use an integer >= 2 (both diagnoses per site, and siteB keeps one T1w-only subject)",
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise BHConfigError("seed", f"{seed!r} is not a non-negative integer", "use e.g. --seed 0")
-    seed, subjects_per_site = int(seed), int(subjects_per_site)
+    seed = int(seed)
+    subjects_per_site = None if subjects_per_site is None else int(subjects_per_site)
+    sizes = _site_sizes(subjects_per_site)
     out_dir = Path(out_dir)
     truth_root = out_dir / "ground_truth"
     _remove_previous_output(out_dir)
@@ -956,17 +968,18 @@ def write_demo_cohort(
         _write_tsv(truth_root / site.name / "subjects.tsv", pd.DataFrame([s.as_row() for s in cohort[site.name]]))
     jobs = [
         _SubjectJob(out_dir, seed, k, i, cohort[site.name][i])
-        for k, site in enumerate(SITES) for i in range(subjects_per_site)
+        for k, site in enumerate(SITES) for i in range(sizes[site.name])
     ]
     runs = [run for subject_runs in _map_subjects(jobs) for run in subject_runs]
     files = [p for p in out_dir.rglob("*") if p.is_file()]
     return {
         "out_dir": str(out_dir),
         "seed": seed,
-        "subjects_per_site": subjects_per_site,
+        "subjects_per_site": sizes,
         "sites": {
             site.name: {
                 "bids_root": str(out_dir / site.name),
+                "role": site.role,
                 "repetition_time": site.repetition_time,
                 "n_volumes": site.n_volumes,
                 "subjects": [s.participant_id for s in cohort[site.name]],
@@ -986,13 +999,13 @@ def write_demo_cohort(
 def main(argv: list[str] | None = None) -> int:
     """``python -m bh_models.demo OUT_DIR [--seed N] [--subjects-per-site N]``."""
     parser = argparse.ArgumentParser(
-        prog="bh demo", description="Write the synthetic two-site demo cohort (BIDS + ground truth)."
+        prog="bh demo", description="Write the synthetic three-site demo cohort (BIDS + ground truth)."
     )
     parser.add_argument("out_dir", type=Path, help="destination folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--subjects-per-site", type=int, default=DEFAULT_SUBJECTS_PER_SITE,
-        help=f"subjects per site (default {DEFAULT_SUBJECTS_PER_SITE})",
+        "--subjects-per-site", type=int, default=None,
+        help="subjects of every site (default: " + ", ".join(f"{s.name} {s.n_subjects}" for s in SITES) + ")",
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()

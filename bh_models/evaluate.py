@@ -158,16 +158,17 @@ def finetune_job(*, latents: Path | Sequence[Path] | None, harmonizer_checkpoint
     when ``evaluate.finetune.enabled`` is false); ``dataset`` None keeps every
     dataset's rows, labelled ``<dataset>/<subject>`` as in the pooled evaluation.
     """
-    def single(value):
-        return value if isinstance(value, (str, Path)) else (value[0] if value else None)
+    def as_list(value):
+        return [value] if isinstance(value, (str, Path)) else list(value or [])
 
-    latents, harmonizer_checkpoint = single(latents), single(harmonizer_checkpoint)
-    if not settings or not settings.get("enabled") or latents is None:
+    latents, checkpoints = as_list(latents), as_list(harmonizer_checkpoint)
+    if not settings or not settings.get("enabled") or not latents:
         return None
-    from bh_models.hub_finetune import HubClassifier, read_latents
+    from bh_models.hub_finetune import HubClassifier, read_latents_files
     from bh_models.pretrain import load_pretrained
 
-    datasets, subjects, x = read_latents(path=Path(latents), dataset=dataset)
+    harmonizer_checkpoint = checkpoints[0]
+    datasets, subjects, x = read_latents_files(paths=[Path(p) for p in latents], dataset=dataset)
     labels = np.array([subject_label(s) for s in subjects])
     if dataset is None:
         labels = np.array([_pooled_label(d, s) for d, s in zip(datasets, labels)])
@@ -285,7 +286,8 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
                           out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
 
 
-def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: Sequence[Path],
+def evaluate_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only: Sequence[Path],
+                    timeseries: Sequence[Path],
                     timeseries_datasets: Sequence[str], participants: Sequence[Path],
                     datasets: Sequence[str], tasks: Mapping[str, Mapping[str, Mapping]],
                     out_results: Path, out_predictions: Path, out_figure_metrics: Path,
@@ -308,8 +310,8 @@ def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: 
 
     Parameters
     ----------
-    fused, fmri_only, t1_only : Path
-        Embedding TSVs holding every dataset.
+    fused, fmri_only, t1_only : sequence of Path
+        Embedding TSVs of each dataset, in the order of ``datasets``.
     timeseries : sequence of Path
         Cleaned parcel time series of all datasets (FC baseline) ...
     timeseries_datasets : sequence of str
@@ -322,23 +324,24 @@ def evaluate_pooled(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: 
         Dataset name -> its ``targets`` config.
     Other parameters and outputs as in :func:`evaluate_dataset` (``dataset`` = ``pooled``).
     """
-    if len(participants) != len(datasets) or len(timeseries) != len(timeseries_datasets):
-        raise ValueError("participants/datasets and timeseries/timeseries_datasets must align")
+    if len(participants) != len(datasets) or len(timeseries) != len(timeseries_datasets) \
+            or not len(fused) == len(fmri_only) == len(t1_only) == len(datasets):
+        raise ValueError("participants, embeddings and datasets, and timeseries/timeseries_datasets must align")
     specs = pooled_tasks(tasks={name: parse_tasks(tasks=tasks[name], config_key=f"datasets.{name}.targets")
                                 for name in datasets})
     if not specs:
         raise BHConfigError("evaluate.pooled", "no task is configured identically in every dataset",
                             "give the datasets a shared task (same column, type and classes) or set "
                             "evaluate.pooled: false")
-    embeddings = {"fused": Path(fused), "fmri_only": Path(fmri_only), "t1_only": Path(t1_only)}
+    embeddings = {"fused": list(fused), "fmri_only": list(fmri_only), "t1_only": list(t1_only)}
     tables, parts = [], {name: [] for name in (*embeddings, "fc")}
-    for name, path in zip(datasets, participants):
+    for position, (name, path) in enumerate(zip(datasets, participants)):
         table = read_participants(path=Path(path))
         if POOLED_COVARIATE in table.columns:
             raise BHInputError(path, f"has a '{POOLED_COVARIATE}' column, which pooled evaluation adds",
                                "rename that column, or set evaluate.pooled: false")
-        for model, embedding in embeddings.items():
-            parts[model].append(_relabelled(read_embedding_table(path=embedding, name=model, dataset=name),
+        for model, paths in embeddings.items():
+            parts[model].append(_relabelled(read_embedding_table(path=Path(paths[position]), name=model, dataset=name),
                                             dataset=name))
         runs = [Path(p) for p, d in zip(timeseries, timeseries_datasets) if d == name]
         if runs:

@@ -102,48 +102,53 @@ class HubClassifier(nn.Module):
 
 def extract_latents(
     *,
-    harmonizer_checkpoint: Path,
-    fmri_checkpoint: Path,
-    t1_checkpoint: Path,
-    store: Path,
-    geometry: Path,
+    bundle: Path,
+    samples: Path,
+    timeseries: Sequence[Path],
+    t1_tensors: Sequence[Path],
     out_latents: Path,
-    splits: Sequence[str] = ("train", "val", "test"),
+    dataset: str,
+    settings: dict[str, Any] | None = None,
     batch_size: int = 8,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Step function: packed frozen-encoder tokens of every sample, for fine-tuning.
+    """Step function: packed frozen-encoder tokens of one dataset's samples, for fine-tuning.
 
-    Writes ``out_latents`` (``torch.save``): ``format``, ``dataset`` and ``subject``
+    Encoded from the dataset's derivatives with the bundle's models and scaling
+    statistics (as :func:`bh_models.pretrain.extract_embeddings`). Writes
+    ``out_latents`` (``torch.save``): ``format``, ``dataset`` and ``subject``
     (one per row), ``x`` float32 ``(n_rows, N_S + N_F, D + 1)`` (see module doc),
-    ``harmonizer_checkpoint`` (file name). A subject's rows are its fMRI samples
-    (runs and TR variants) paired with its T1, or its single T1-only row.
+    ``harmonizer_checkpoint`` (its path in the bundle). A subject's rows are its
+    fMRI samples (runs and TR variants) paired with its T1, or its single
+    T1-only row.
     """
-    from bh_models.pretrain import encode_latents, load_frozen_models, paired_batches
+    from bh_models.pretrain import derivative_batches, encode_latents, load_bundle_models
     from bh_models.train import save_checkpoint
 
     torch.set_num_threads(max(1, threads))
     device = torch.device("cpu")
-    fmri_model, t1_model, harmonizer = load_frozen_models(
-        harmonizer_checkpoint=Path(harmonizer_checkpoint), fmri_checkpoint=Path(fmri_checkpoint),
-        t1_checkpoint=Path(t1_checkpoint), geometry=Path(geometry), device=device)
+    fmri_model, t1_model, harmonizer, meta = load_bundle_models(bundle=Path(bundle), settings=settings,
+                                                                device=device)
     width = max(harmonizer.config.dim_s, harmonizer.config.dim_f)
     rows, datasets, subjects = [], [], []
-    for batch in paired_batches(store=Path(store), splits=splits, batch_size=batch_size, device=device):
+    for batch in derivative_batches(samples=Path(samples), timeseries=timeseries, t1_tensors=t1_tensors,
+                                    dataset=dataset, scaling=Path(meta["root"]) / meta["scaling"],
+                                    batch_size=batch_size, device=device):
         z_s, s_mask, z_f, f_mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model)
         rows += list(pack_latents(z_s, s_mask, z_f, f_mask, width=width))  # each (N_S + N_F_batch, D + 1)
         datasets += batch["dataset"]
         subjects += batch["subject"]
     if not rows:
-        raise BHInputError(store, f"no samples in splits {list(splits)}", "check the packed store")
+        raise BHInputError(samples, f"dataset {dataset} has no sample to encode",
+                           "check its preprocessing outputs and exclusions")
     n_s, n_rois = harmonizer.n_s_tokens, harmonizer.config.n_rois
     patches = max((len(row) - n_s) // n_rois for row in rows)  # batches crop to their own longest sample
     x = torch.stack([pad_patches(row, n_s=n_s, n_rois=n_rois, patches=patches) for row in rows])
     order = sorted(range(len(rows)), key=lambda i: (datasets[i], subjects[i], i))
     save_checkpoint(Path(out_latents), {  # atomic, canonical bytes: reruns are byte-identical
         "format": LATENTS_FORMAT, "dataset": [str(datasets[i]) for i in order],
-        "subject": [str(subjects[i]) for i in order], "x": x[order].contiguous(),
-        "harmonizer_checkpoint": Path(harmonizer_checkpoint).name})
+        "subject": [str(subjects[i]) for i in order], "x": x[order].contiguous(), "n_s": n_s, "n_rois": n_rois,
+        "harmonizer_checkpoint": meta["checkpoints"]["harmonizer"]})
     return {"n_rows": len(rows), "shape": list(x.shape[1:])}
 
 
@@ -158,3 +163,19 @@ def read_latents(*, path: Path, dataset: str | None = None) -> tuple[np.ndarray,
     datasets, subjects = np.asarray(payload["dataset"], dtype=str), np.asarray(payload["subject"], dtype=str)
     keep = np.ones(len(datasets), dtype=bool) if dataset is None else datasets == dataset
     return datasets[keep], subjects[keep], payload["x"][torch.from_numpy(keep)]
+
+
+def read_latents_files(*, paths: Sequence[Path], dataset: str | None = None) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    """:func:`read_latents` of several files (one per dataset), rows concatenated with the
+    harmonix-F block padded per ROI to the most patches of any file."""
+    parts = [read_latents(path=Path(p), dataset=dataset) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    payload = torch.load(Path(paths[0]), map_location="cpu", weights_only=True)
+    n_s, n_rois = int(payload.get("n_s", 0)), int(payload.get("n_rois", 0))
+    if not n_s or not n_rois:
+        raise BHInputError(paths[0], "has no token layout (n_s, n_rois)", "rerun extract_latents")
+    patches = max((x.shape[1] - n_s) // n_rois for _, _, x in parts)
+    rows = [torch.stack([pad_patches(row, n_s=n_s, n_rois=n_rois, patches=patches) for row in x])
+            if len(x) else x.new_zeros((0, n_s + n_rois * patches, x.shape[-1])) for _, _, x in parts]
+    return (np.concatenate([d for d, _, _ in parts]), np.concatenate([s for _, s, _ in parts]), torch.cat(rows))

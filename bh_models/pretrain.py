@@ -5,8 +5,11 @@ Snakemake calls each through the generic runner (``func(**inputs, **outputs,
 function and only rank 0 writes files. A re-run after a crash or ``scancel``
 resumes from ``<checkpoint stem>.resume.pt`` when the configuration matches.
 
-Data come from the packed store only through ``bh_models.store``:
-``FmriShardDataset``, ``T1ShardDataset``, ``collate_fmri`` and ``paired_samples``.
+Training data come from the packed store of the pretraining datasets only,
+through ``bh_models.store``: ``FmriShardDataset``, ``T1ShardDataset``,
+``collate_fmri`` and ``paired_samples``. Embeddings of a (downstream) dataset are
+computed from its derivatives by the frozen models of a model bundle
+(:mod:`bh_models.bundle`), with the bundle's pretraining scaling statistics.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from bh_models.errors import BHInputError
+from bh_models.hashing import sha256_file
 from bh_models.jsonio import sidecar_path, write_json
 from bh_models.nn.blocks import masked_token_mean
 from bh_models.nn.configs import config_from_dict, config_to_dict, model_config
@@ -611,45 +615,86 @@ def load_frozen_models(
     return fmri_model, t1_model, harmonizer
 
 
-def paired_batches(*, store: Path, splits: Sequence[str], batch_size: int, device: torch.device):
-    """Every paired sample of the given splits, in store order, as collated batches on ``device``
-    (one row per fMRI sample with its subject's T1, plus T1-only subjects)."""
-    for split in splits:
-        dataset, collate = _paired_dataset(store=Path(store), split=split, include_unpaired=True)
-        if len(dataset) == 0:
-            continue
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-            yield move_to_device(batch, device)
+def load_bundle_models(*, bundle: Path, settings: dict[str, Any] | None, device: torch.device
+                       ) -> tuple[HarmonixF, HarmonixS, Harmonizer, dict[str, Any]]:
+    """The frozen models of a verified model bundle, after checking its settings against ``settings``.
+
+    Parameters
+    ----------
+    bundle : Path
+        The bundle's ``bundle.json`` (or its folder).
+    settings : dict, optional
+        :func:`bh_models.bundle.settings_from_config` of the run's config; None skips the check.
+
+    Returns
+    -------
+    harmonix-F, harmonix-S, Harmonizer, and the bundle's ``bundle.json`` with its folder as ``root``.
+    """
+    from bh_models.bundle import check_settings, require_valid_bundle
+
+    root = Path(bundle).parent if Path(bundle).suffix == ".json" else Path(bundle)
+    meta = require_valid_bundle(root)
+    if settings is not None:
+        check_settings(bundle=meta, expected=settings, bundle_path=root)
+    checkpoints = meta["checkpoints"]
+    models = load_frozen_models(
+        harmonizer_checkpoint=root / checkpoints["harmonizer"], fmri_checkpoint=root / checkpoints["harmonix_f"],
+        t1_checkpoint=root / checkpoints["harmonix_s"], geometry=root / meta["geometry"], device=device)
+    return (*models, {**meta, "root": str(root)})
+
+
+def derivative_batches(*, samples: Path, timeseries: Sequence[Path], t1_tensors: Sequence[Path], dataset: str,
+                       scaling: Path, batch_size: int, device: torch.device):
+    """One dataset's samples straight from its derivatives, as collated paired batches on ``device``.
+
+    One row per fMRI sample (runs x TR variants) with its subject's T1, plus
+    T1-only subjects; fMRI scaled with ``scaling`` (the bundle's pretraining
+    statistics, never this dataset's own).
+    """
+    store_module = _store()
+    fmri = store_module.FmriTableDataset(samples=Path(samples), timeseries=[Path(p) for p in timeseries],
+                                         scaling=Path(scaling))
+    t1 = store_module.T1TensorDataset(t1_tensors=[Path(p) for p in t1_tensors], dataset=dataset)
+    table = store_module.pair_samples(fmri=fmri.index, t1=t1.index)
+    paired = PairedSamples(table=table, fmri=fmri, t1=t1, include_unpaired=True)
+    collate = functools.partial(collate_paired, collate_fmri=store_module.collate_fmri)
+    for batch in DataLoader(paired, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        yield move_to_device(batch, device)
 
 
 def extract_embeddings(
     *,
-    harmonizer_checkpoint: Path,
-    fmri_checkpoint: Path,
-    t1_checkpoint: Path,
-    store: Path,
-    geometry: Path,
+    bundle: Path,
+    samples: Path,
+    timeseries: Sequence[Path],
+    t1_tensors: Sequence[Path],
     out_embeddings: Path,
     out_fmri_embeddings: Path,
     out_t1_embeddings: Path,
-    splits: Sequence[str] = ("train", "val", "test"),
+    dataset: str,
+    settings: dict[str, Any] | None = None,
     batch_size: int = 8,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Per-subject embeddings: hub tokens (Brain Harmony) and the unimodal baselines.
+    """Per-subject embeddings of one dataset: hub tokens (Brain Harmony) and the unimodal baselines.
 
-    Every row of ``paired_samples`` (one per fMRI sample, plus T1-only subjects)
-    is encoded; a subject's embedding is the mean over its rows, i.e. over its
-    runs and TR variants.
+    The dataset is encoded straight from its derivatives by the frozen models
+    of a model bundle, with the bundle's (pretraining) scaling statistics, so a
+    new dataset costs one job and never touches the others' embeddings. Every
+    row of :func:`bh_models.store.pair_samples` (one per fMRI sample, plus
+    T1-only subjects) is encoded; a subject's embedding is the mean over its
+    rows, i.e. over its runs and TR variants.
 
     Parameters
     ----------
-    harmonizer_checkpoint, fmri_checkpoint, t1_checkpoint : Path
-        Final checkpoints of the three pretraining steps.
-    store : Path
-        Packed store.
-    geometry : Path
-        Geometry table harmonix-F was trained with (checked).
+    bundle : Path
+        ``bundle.json`` of the model bundle (verified against its manifest).
+    samples : Path
+        The dataset's samples table (TAPE plan of every run and TR variant).
+    timeseries : sequence of Path
+        Its parcel time-series TSVs.
+    t1_tensors : sequence of Path
+        Its T1 encoder tensors.
     out_embeddings : Path
         TSV: ``dataset``, ``subject``, ``hub_000`` .. ``hub_{D-1}`` (mean of the output
         hub tokens), one row per subject with any modality.
@@ -658,8 +703,11 @@ def extract_embeddings(
         tokens), subjects with fMRI.
     out_t1_embeddings : Path
         TSV: ``dataset``, ``subject``, ``t1_000`` .. (mean harmonix-S patch token), subjects with T1.
-    splits : sequence of str
-        Store splits to embed.
+    dataset : str
+        Dataset name (config key).
+    settings : dict, optional
+        The config's bundle settings (:func:`bh_models.bundle.settings_from_config`); a
+        bundle that disagrees is refused.
     batch_size : int
         Rows per forward pass.
     threads : int
@@ -670,15 +718,18 @@ def extract_embeddings(
     dict
         Subjects per table and embedding widths.
     """
+    from bh_models.bundle import MANIFEST_FILE
+
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
     device = context.device
-    fmri_model, t1_model, harmonizer = load_frozen_models(
-        harmonizer_checkpoint=Path(harmonizer_checkpoint), fmri_checkpoint=Path(fmri_checkpoint),
-        t1_checkpoint=Path(t1_checkpoint), geometry=Path(geometry), device=device,
-    )
+    fmri_model, t1_model, harmonizer, meta = load_bundle_models(bundle=Path(bundle), settings=settings,
+                                                                device=device)
+    root = Path(meta["root"])
     hub, fmri_means, t1_means = _SubjectMeans(), _SubjectMeans(), _SubjectMeans()
-    for batch in paired_batches(store=Path(store), splits=splits, batch_size=batch_size, device=device):
+    for batch in derivative_batches(samples=Path(samples), timeseries=timeseries, t1_tensors=t1_tensors,
+                                    dataset=dataset, scaling=root / meta["scaling"], batch_size=batch_size,
+                                    device=device):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             z_s, s_mask, z_f, f_mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model)
             hub_vectors = harmonizer.hub_embedding(z_s, s_mask, z_f, f_mask).float().cpu().numpy()  # (B, D)
@@ -692,7 +743,8 @@ def extract_embeddings(
             if has_t1[row]:
                 t1_means.add(key, t1_vectors[row])
     if not hub.sums:
-        raise BHInputError(store, f"no subjects in splits {list(splits)}", "check the packed store")
+        raise BHInputError(samples, f"dataset {dataset} has no sample to encode",
+                           "check its preprocessing outputs and exclusions")
     tables = {"hub": hub.table("hub"), "fmri": fmri_means.table("fmri"), "t1": t1_means.table("t1")}
     outputs = {"hub": Path(out_embeddings), "fmri": Path(out_fmri_embeddings), "t1": Path(out_t1_embeddings)}
     descriptions = {
@@ -701,17 +753,18 @@ def extract_embeddings(
         "t1": "T1-only baseline: mean harmonix-S patch token",
     }
     if context.is_main:
+        bundle_id = sha256_file(path=root / MANIFEST_FILE)
         for name, frame in tables.items():
             _write_tsv(frame, outputs[name])
             write_json(sidecar_path(outputs[name]), {
                 "Description": descriptions[name],
+                "Dataset": dataset,
                 "NumberOfSubjects": len(frame),
                 "EmbeddingWidth": frame.shape[1] - 2,
-                "Splits": list(splits),
-                "Sources": {"harmonizer": Path(harmonizer_checkpoint).name, "harmonix_f": Path(fmri_checkpoint).name,
-                            "harmonix_s": Path(t1_checkpoint).name},
+                "Bundle": {"manifest_sha256": bundle_id, "checkpoints": meta["checkpoints"],
+                           "pretraining_datasets": meta.get("pretraining", {}).get("datasets", [])},
+                "Normalisation": "robust scaling with the bundle's pretraining statistics (scaling.json)",
             })
     return {f"{name}_subjects": len(frame) for name, frame in tables.items()} | {
         f"{name}_width": frame.shape[1] - 2 for name, frame in tables.items()
     }
-

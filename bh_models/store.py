@@ -280,19 +280,7 @@ def pack_t1(
     """
     out_dir = Path(out_dir)
     paths = {Path(p).name: Path(p) for p in t1_tensors}
-    rows = []
-    for name in sorted(paths):
-        ent = parse_entities(name)
-        if not ent["subject"]:
-            raise BHInputError(paths[name], "no sub-<label> in the file name", "use BIDS file names")
-        parts = [f"sub-{ent['subject']}"] + ([f"ses-{ent['session']}"] if ent["session"] else [])
-        parts += [f"run-{ent['run']}"] if ent["run"] else []
-        rows.append({"sample_id": f"{dataset}_{'_'.join(parts)}_T1w", "dataset": dataset,
-                     "subject": ent["subject"], "session": ent["session"], "source_file": name})
-    table = pd.DataFrame(rows, columns=["sample_id", "dataset", "subject", "session", "source_file"])
-    if table["sample_id"].duplicated().any():
-        raise BHInputError(table.loc[table["sample_id"].duplicated(), "source_file"].iloc[0],
-                           "two T1 tensors of one subject and session", "keep one tensor per subject and session")
+    table = t1_samples_table(t1_tensors=t1_tensors, dataset=dataset)
     table["split"] = split_of(splits=read_splits([Path(splits)]), dataset=dataset,
                               subjects=table["subject"], source=Path(splits))
     table = _order_by_split(table)
@@ -325,6 +313,26 @@ def pack_t1(
         "layout": "each shard is (n, X, Y, Z); a sample is entry `row`",
     })
     return {"n_samples": int(len(table)), "n_shards": len(shard_names), "shape": list(shape)}
+
+
+def t1_samples_table(*, t1_tensors: Sequence[Path], dataset: str) -> pd.DataFrame:
+    """One row per T1 tensor: ``sample_id`` (``<dataset>_sub-<label>[_ses-..][_run-..]_T1w``),
+    ``dataset``, ``subject``, ``session``, ``source_file``, sorted by file name."""
+    paths = {Path(p).name: Path(p) for p in t1_tensors}
+    rows = []
+    for name in sorted(paths):
+        ent = parse_entities(name)
+        if not ent["subject"]:
+            raise BHInputError(paths[name], "no sub-<label> in the file name", "use BIDS file names")
+        parts = [f"sub-{ent['subject']}"] + ([f"ses-{ent['session']}"] if ent["session"] else [])
+        parts += [f"run-{ent['run']}"] if ent["run"] else []
+        rows.append({"sample_id": f"{dataset}_{'_'.join(parts)}_T1w", "dataset": dataset,
+                     "subject": ent["subject"], "session": ent["session"], "source_file": name})
+    table = pd.DataFrame(rows, columns=["sample_id", "dataset", "subject", "session", "source_file"])
+    if table["sample_id"].duplicated().any():
+        raise BHInputError(table.loc[table["sample_id"].duplicated(), "source_file"].iloc[0],
+                           "two T1 tensors of one subject and session", "keep one tensor per subject and session")
+    return table
 
 
 def _t1_shape(path: Path) -> tuple[int, ...]:
@@ -431,14 +439,8 @@ class FmriShardDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         start, n, k = int(self._start[i]), int(self._frames[i]), int(self._k[i])
         frames = self._cache.get(self._paths[i])[start:start + n]  # (n_frames, n_rois)
-        x = np.zeros((len(self.rois), self.max_patches * k), dtype=np.float32)  # (n_rois, padded)
-        real = x[:, :n].T  # (n_frames, n_rois) view: scaled in place, no temporaries
-        if self.scaling is None:
-            real[...] = frames
-        else:
-            self.scaling.apply_frames(frames, out=real)
-        mask = np.zeros(self.max_patches, dtype=bool)
-        mask[: int(self._patches[i])] = True
+        x, mask = _padded_item(frames=frames, n_rois=len(self.rois), k=k, n_patches=int(self._patches[i]),
+                               max_patches=self.max_patches, scaling=self.scaling)
         sid, subject, dataset = self._ids[i]
         return {"x": torch.from_numpy(x), "patch_mask": torch.from_numpy(mask), "tr": float(self._tr[i]),
                 "k": k, "n_patches": int(self._patches[i]), "n_frames": n,
@@ -468,6 +470,112 @@ class T1ShardDataset(Dataset):
         sid, subject, dataset, session = self._ids[i]
         return {"t1": torch.from_numpy(volume)[None], "subject": subject, "dataset": dataset,
                 "sample_id": sid, "session": session}
+
+
+def _padded_item(*, frames: np.ndarray, n_rois: int, k: int, n_patches: int, max_patches: int,
+                 scaling: RobustScaling | None) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (n_rois, max_patches * k), zero after the real frames, and the patch mask (max_patches,)."""
+    x = np.zeros((n_rois, max_patches * k), dtype=np.float32)  # (n_rois, padded)
+    real = x[:, : len(frames)].T  # (n_frames, n_rois) view: scaled in place, no temporaries
+    if scaling is None:
+        real[...] = frames
+    else:
+        scaling.apply_frames(frames, out=real)
+    mask = np.zeros(max_patches, dtype=bool)
+    mask[:n_patches] = True
+    return x, mask
+
+
+class FmriTableDataset(Dataset):
+    """One dataset's fMRI samples read straight from its parcel time-series TSVs, never packed.
+
+    Downstream datasets are encoded this way: they never enter the training
+    store. The samples table (:func:`bh_models.augment.make_samples`) says which
+    frames make each sample; the *pretraining* robust-scaling statistics scale
+    them; items are padded exactly as :class:`FmriShardDataset` pads packed
+    samples (tested equal), so a subject is encoded the same whichever way its
+    data arrive.
+
+    Parameters
+    ----------
+    samples : Path
+        The dataset's samples table.
+    timeseries : sequence of Path
+        The parcel time-series TSVs it was made from (matched by file name).
+    scaling : Path, optional
+        Robust-scaling JSON (a bundle's ``scaling.json``); None = unscaled.
+    """
+
+    def __init__(self, *, samples: Path, timeseries: Sequence[Path], scaling: Path | None) -> None:
+        self.index = read_samples_table(Path(samples)).reset_index(drop=True)
+        self._sources = {Path(p).name: Path(p) for p in timeseries}
+        missing = sorted(set(self.index["source_file"]) - set(self._sources))
+        if missing:
+            raise BHInputError(samples, f"source {missing[0]} is not among the time series passed",
+                               "pass every time series the samples table was made from")
+        patches = set(self.index["max_patches"])
+        if len(patches) > 1:
+            raise BHInputError(samples, f"samples padded to different patch counts {sorted(patches)}",
+                               "rerun the augment step of this dataset")
+        self.max_patches = int(patches.pop()) if patches else 0
+        first = self._sources[self.index["source_file"].iloc[0]] if len(self.index) else None
+        self.rois = read_roi_names(first) if first is not None else []
+        self.scaling = load_scaling(Path(scaling)) if scaling is not None else None
+        if self.scaling is not None and self.rois and list(self.scaling.rois) != self.rois:
+            raise BHInputError(first, f"ROI columns ({self.rois[0]} ...) differ from the scaling statistics' "
+                               f"({self.scaling.rois[0]} ...)",
+                               "extract the time series with the atlas and network order the models were trained on")
+        self._cached: tuple[str, np.ndarray] | None = None
+
+    def _values(self, source_file: str) -> np.ndarray:
+        # Samples of one run are adjacent in the table: keep the last run read.
+        if self._cached is None or self._cached[0] != source_file:
+            names, values = read_timeseries(self._sources[source_file])
+            if names != self.rois:
+                raise BHInputError(self._sources[source_file], "ROI columns differ from the dataset's other runs",
+                                   "extract every run with the same atlas")
+            self._cached = (source_file, values)
+        return self._cached[1]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.index.iloc[i]
+        values = self._values(row["source_file"])
+        if len(values) != row["source_frames"]:
+            raise BHInputError(self._sources[row["source_file"]], f"{len(values)} rows but the samples table says "
+                               f"{row['source_frames']}", "rerun the functional stage and the augment step")
+        frames = values[row["offset"]::row["factor"]][: row["n_frames"]]  # (n_frames, n_rois)
+        x, mask = _padded_item(frames=frames, n_rois=len(self.rois), k=int(row["k"]),
+                               n_patches=int(row["n_patches"]), max_patches=self.max_patches, scaling=self.scaling)
+        return {"x": torch.from_numpy(x), "patch_mask": torch.from_numpy(mask), "tr": float(row["tr"]),
+                "k": int(row["k"]), "n_patches": int(row["n_patches"]), "n_frames": int(row["n_frames"]),
+                "sample_id": row["sample_id"], "subject": row["subject"], "dataset": row["dataset"]}
+
+
+class T1TensorDataset(Dataset):
+    """One dataset's T1 encoder tensors read from the anatomical derivatives, never packed.
+
+    Items are those of :class:`T1ShardDataset`.
+    """
+
+    def __init__(self, *, t1_tensors: Sequence[Path], dataset: str) -> None:
+        self._paths = {Path(p).name: Path(p) for p in t1_tensors}
+        self.index = t1_samples_table(t1_tensors=t1_tensors, dataset=dataset)
+        shapes = {_t1_shape(p) for p in self._paths.values()}
+        if len(shapes) > 1:
+            raise BHInputError(next(iter(self._paths.values())), f"T1 tensors of several shapes {sorted(shapes)}",
+                               "write every T1 tensor on the same encoder grid")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.index.iloc[i]
+        volume = np.load(self._paths[row["source_file"]])  # (X, Y, Z) float32
+        return {"t1": torch.from_numpy(volume)[None], "subject": row["subject"], "dataset": row["dataset"],
+                "sample_id": row["sample_id"], "session": row["session"]}
 
 
 def collate_fmri(batch: Sequence[dict]) -> dict:
@@ -511,8 +619,14 @@ def paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
         Columns ``subject``, ``dataset``, ``fmri_sample_id``, ``t1_sample_id``
         (string dtype), sorted by dataset, subject, fMRI id, T1 id.
     """
-    fmri = read_index(store_dir=store_dir, modality=FMRI_DIR, split=split)
-    t1 = read_index(store_dir=store_dir, modality=T1_DIR, split=split).sort_values("sample_id")
+    return pair_samples(fmri=read_index(store_dir=store_dir, modality=FMRI_DIR, split=split),
+                        t1=read_index(store_dir=store_dir, modality=T1_DIR, split=split))
+
+
+def pair_samples(*, fmri: pd.DataFrame, t1: pd.DataFrame) -> pd.DataFrame:
+    """fMRI and T1 sample tables (``sample_id``, ``dataset``, ``subject``, ``session``) paired by
+    subject, as :func:`paired_samples` describes."""
+    t1 = t1.sort_values("sample_id")
     by_session = dict(zip(zip(t1["dataset"], t1["subject"], t1["session"]), t1["sample_id"]))
     first = t1.drop_duplicates(["dataset", "subject"])
     by_subject = dict(zip(zip(first["dataset"], first["subject"]), first["sample_id"]))

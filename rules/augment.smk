@@ -1,6 +1,8 @@
-# TR-downsampling augmentation and the TAPE patch plan, subject-level splits,
-# the packed store (one folder per dataset, so adding a dataset leaves the
-# others' shards alone) and the robust-scaling statistics of the training split.
+# TR-downsampling augmentation and the TAPE patch plan (every dataset); for the
+# pretraining datasets only: subject-level splits, the packed store (one folder
+# per dataset, so adding one leaves the others' shards alone) and the
+# robust-scaling statistics of the training split. Downstream datasets are never
+# packed: their embedding job reads their derivatives.
 
 
 rule augment_samples:
@@ -99,13 +101,13 @@ rule pack_t1:
 
 rule store_scaling:
     input:
-        dep_fmri=expand(rules.pack_fmri.output.out_dir, dataset=DATASETS),
+        dep_fmri=expand(rules.pack_fmri.output.out_dir, dataset=PRETRAIN),
     output:
         out_scaling=f"{STORE}/scaling.json",
         out_scaling_table=f"{STORE}/scaling.tsv",
     params:
         step="bh_models.scaling:compute_scaling",
-        fmri_indexes=expand(f"{STORE}/fmri/{{dataset}}/index.tsv", dataset=DATASETS),
+        fmri_indexes=expand(f"{STORE}/fmri/{{dataset}}/index.tsv", dataset=PRETRAIN),
         iqr_floor=config["store"]["iqr_floor"],
         relative_iqr_floor=config["store"]["relative_iqr_floor"],
     log:

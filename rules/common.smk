@@ -6,8 +6,9 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from bh_models.bundle import CHECKPOINTS, bundle_paths, check_settings, read_bundle, settings_from_config
 from bh_models.cohort import plan_cohort
-from bh_models.config import check_config, load_yaml
+from bh_models.config import check_config, downstream_datasets, load_yaml, pretraining_datasets
 from bh_models.errors import BHConfigError, BHInputError
 from bh_models.exclusions import failed_subjects
 
@@ -18,12 +19,16 @@ try:
 except (BHConfigError, BHInputError) as _exc:
     sys.exit(f"error: {_exc}")
 validate(config, "../workflow/schemas/config.schema.yaml")
+if config["example_only"]:
+    sys.exit("error: config key 'example_only': this is a documented example whose bids_root paths are "
+             "placeholders. Fix: copy it, point every bids_root at a real BIDS dataset and remove example_only")
 
 RESULTS = config["results_dir"]
 PREPROC = f"{RESULTS}/derivatives/bh-preproc"
 GEOMETRY = f"{RESULTS}/derivatives/bh-geometry"
 STORE = f"{RESULTS}/store"
 MODELS = f"{RESULTS}/models"
+EMBEDDINGS = f"{RESULTS}/embeddings"
 EVAL = f"{RESULTS}/evaluation"
 QC = f"{RESULTS}/qc"
 STEP = "../workflow/scripts/step.py"
@@ -44,6 +49,19 @@ try:
 except (BHConfigError, BHInputError) as _exc:
     sys.exit(f"error: {_exc}")
 DATASETS = list(COHORT)
+# Roles: pretraining datasets feed the store and the three pretraining jobs;
+# downstream datasets are encoded by the frozen models of the bundle and evaluated.
+PRETRAIN = pretraining_datasets(config)
+DOWNSTREAM = downstream_datasets(config)
+# The model bundle: this run's (written to MODELS by make_bundle) or an existing one.
+EXTERNAL_BUNDLE = config["model"]["bundle"]
+BUNDLE = EXTERNAL_BUNDLE or MODELS
+BUNDLE_SETTINGS = settings_from_config(config)
+if EXTERNAL_BUNDLE:
+    try:  # a bundle trained on other inputs is refused before any job runs
+        check_settings(bundle=read_bundle(EXTERNAL_BUNDLE), expected=BUNDLE_SETTINGS, bundle_path=EXTERNAL_BUNDLE)
+    except (BHConfigError, BHInputError) as _exc:
+        sys.exit(f"error: {_exc}")
 
 
 wildcard_constraints:
@@ -120,32 +138,37 @@ def gpus():
     return config["pretrain"]["gpus"]
 
 
+def bundle_inputs():
+    """The model bundle's files, named as the embedding steps take them (``bundle`` + ``dep_*``)."""
+    return bundle_paths(BUNDLE)
+
+
 def final_targets():
     """Every end product except the audit, which checks them all."""
-    targets = [rules.geometry_plot.output.out_figure,
-               *expand(rules.geometry_project.output, networks=[7, 17]),
-               *rules.boilerplate.output, rules.exclusion_table.output.out_tsv,
-               *rules.extract_embeddings.output]
+    targets = [*rules.boilerplate.output, rules.exclusion_table.output.out_tsv]
+    if not EXTERNAL_BUNDLE:
+        targets += [rules.geometry_plot.output.out_figure,
+                    *expand(rules.geometry_project.output, networks=[7, 17]), *rules.make_bundle.output]
     for dataset in DATASETS:
         targets += expand([*rules.index_dataset.output, rules.dataset_description.output.out_description,
                            rules.anat_qc_table.output.out_table, rules.func_qc_table.output.out_table],
                           dataset=dataset)
-        if config["datasets"][dataset]["targets"]:
-            targets += expand(rules.evaluate_dataset.output, dataset=dataset)
+    for dataset in DOWNSTREAM:
+        targets += expand(rules.evaluate_dataset.output, dataset=dataset)
     if pooled_evaluation():
         targets += [*rules.evaluate_pooled.output]
     return targets
 
 
 def pooled_evaluation():
-    """Evaluate all datasets together: asked for, two or more datasets, and a task they share."""
+    """Evaluate the downstream datasets together: asked for, two or more of them, and a task they share."""
     from bh_models.evaluate import pooled_tasks
     from bh_models.targets import parse_tasks
 
-    if not config["evaluate"]["pooled"] or len(DATASETS) < 2:
+    if not config["evaluate"]["pooled"] or len(DOWNSTREAM) < 2:
         return False
     tasks = {d: parse_tasks(tasks=config["datasets"][d]["targets"], config_key=f"datasets.{d}.targets")
-             for d in DATASETS}
+             for d in DOWNSTREAM}
     return bool(pooled_tasks(tasks=tasks))
 
 

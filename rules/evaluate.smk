@@ -1,26 +1,24 @@
-# Downstream evaluation per dataset: linear probes on the frozen embeddings
-# (fused hub tokens, harmonix-F, harmonix-S), the FC baseline and chance, on
-# shared folds, with permutation tests.
-# With evaluate.finetune.enabled, the frozen encoders' tokens of every sample
-# are packed once (extract_latents) and the Harmonizer is fine-tuned as well.
+# Downstream evaluation per downstream dataset (and pooled over them): linear
+# probes on the frozen embeddings (fused hub tokens, harmonix-F, harmonix-S),
+# the FC baseline and chance, on shared folds, with permutation tests.
+# With evaluate.finetune.enabled, the frozen encoders' tokens of every sample of
+# a dataset are packed once (extract_latents) and the Harmonizer is fine-tuned as well.
 
 
 rule extract_latents:
     input:
-        harmonizer_checkpoint=rules.pretrain_harmonizer.output.out_checkpoint,
-        fmri_checkpoint=rules.pretrain_fmri.output.out_checkpoint,
-        t1_checkpoint=rules.pretrain_t1.output.out_checkpoint,
-        geometry=rules.pretrain_fmri.input.geometry,
-        dep_fmri=rules.pretrain_fmri.input.dep_fmri,
-        dep_t1=rules.pretrain_t1.input.dep_t1,
-        dep_scaling=rules.store_scaling.output.out_scaling,
+        **bundle_inputs(),
+        samples=rules.augment_samples.output.out_samples,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
     output:
-        out_latents=f"{MODELS}/embeddings/desc-latents_tokens.pt",
+        out_latents=f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens.pt",
     params:
         step="bh_models.hub_finetune:extract_latents",
-        store=STORE,
+        dataset=lambda w: w.dataset,
+        settings=BUNDLE_SETTINGS,
     log:
-        log_path("extract_latents", "all"),
+        log_path("extract_latents", "{dataset}"),
     threads: 2
     resources:
         mem_mb=16000,
@@ -31,11 +29,8 @@ rule extract_latents:
         STEP
 
 
-FINETUNE_INPUTS = (
-    dict(latents=rules.extract_latents.output.out_latents,
-         harmonizer_checkpoint=rules.pretrain_harmonizer.output.out_checkpoint)
-    if config["evaluate"]["finetune"]["enabled"] else {}
-)
+FINETUNE = config["evaluate"]["finetune"]["enabled"]
+HARMONIZER_CHECKPOINT = f"{BUNDLE}/{CHECKPOINTS['harmonizer']}"
 
 
 rule evaluate_dataset:
@@ -45,7 +40,8 @@ rule evaluate_dataset:
         t1_only=rules.extract_embeddings.output.out_t1_embeddings,
         timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
         participants=lambda w: bids_file(w, "participants.tsv"),
-        **FINETUNE_INPUTS,
+        **(dict(latents=rules.extract_latents.output.out_latents, harmonizer_checkpoint=HARMONIZER_CHECKPOINT)
+           if FINETUNE else {}),
     output:
         out_results=report(f"{EVAL}/{{dataset}}_desc-probe_results.tsv", caption=caption("eval_results"),
                            category="Evaluation", labels={"dataset": "{dataset}", "item": "results table"}),
@@ -79,12 +75,13 @@ rule evaluate_dataset:
 
 rule evaluate_pooled:
     input:
-        fused=rules.extract_embeddings.output.out_embeddings,
-        fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
-        t1_only=rules.extract_embeddings.output.out_t1_embeddings,
-        timeseries=lambda w: [p for d in DATASETS for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
-        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DATASETS],
-        **FINETUNE_INPUTS,
+        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=DOWNSTREAM),
+        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=DOWNSTREAM),
+        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
+        timeseries=lambda w: [p for d in DOWNSTREAM for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
+        **(dict(latents=expand(rules.extract_latents.output.out_latents, dataset=DOWNSTREAM),
+                harmonizer_checkpoint=HARMONIZER_CHECKPOINT) if FINETUNE else {}),
     output:
         out_results=report(f"{EVAL}/pooled_desc-probe_results.tsv", caption=caption("eval_pooled_results"),
                            category="Evaluation", labels={"dataset": "pooled", "item": "results table"}),
@@ -97,10 +94,10 @@ rule evaluate_pooled:
                                   category="Evaluation", labels={"dataset": "pooled", "item": "regression"}),
     params:
         step="bh_models.evaluate:evaluate_pooled",
-        datasets=DATASETS,
-        timeseries_datasets=lambda w: [d for d in DATASETS
+        datasets=DOWNSTREAM,
+        timeseries_datasets=lambda w: [d for d in DOWNSTREAM
                                        for _ in per_run(rules.func_preprocess.output.out_timeseries, d)],
-        tasks={d: config["datasets"][d]["targets"] for d in DATASETS},
+        tasks={d: config["datasets"][d]["targets"] for d in DOWNSTREAM},
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         n_permutations=config["evaluate"]["n_permutations"],

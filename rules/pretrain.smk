@@ -1,16 +1,19 @@
-# Pretraining as GPU jobs (CPU with the tiny configs): harmonix-F (JEPA) and
-# harmonix-S (MAE) on the packed store, then the Harmonizer on their frozen
-# tokens, then per-subject embeddings. A job given more than one GPU runs under
-# torchrun (DDP). Each job resumes from <checkpoint>.resume.pt after a kill.
+# Pretraining as GPU jobs (CPU with the tiny configs) on the pretraining datasets:
+# harmonix-F (JEPA) and harmonix-S (MAE) on the packed store, then the Harmonizer
+# on their frozen tokens; the three checkpoints, the scaling statistics and the
+# positional table become the model bundle. Then per-dataset embeddings of every
+# downstream dataset against the bundle (this run's or model.bundle). A job given
+# more than one GPU runs under torchrun (DDP). Each pretraining job resumes from
+# <checkpoint>.resume.pt after a kill.
 
 
 rule pretrain_fmri:
     input:
-        dep_fmri=expand(rules.pack_fmri.output.out_dir, dataset=DATASETS),
+        dep_fmri=expand(rules.pack_fmri.output.out_dir, dataset=PRETRAIN),
         dep_scaling=rules.store_scaling.output.out_scaling,
         geometry=GEOMETRY_MATRIX,
     output:
-        out_checkpoint=f"{MODELS}/harmonix-f/checkpoint.pt",
+        out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonix_f']}",
         out_metrics=f"{MODELS}/harmonix-f/metrics.tsv",
         out_curve=report(f"{MODELS}/harmonix-f/loss_curve.png", caption=caption("loss_curve"),
                          category="Training", labels={"model": "harmonix-F (JEPA)"}),
@@ -33,9 +36,9 @@ rule pretrain_fmri:
 
 rule pretrain_t1:
     input:
-        dep_t1=expand(rules.pack_t1.output.out_dir, dataset=DATASETS),
+        dep_t1=expand(rules.pack_t1.output.out_dir, dataset=PRETRAIN),
     output:
-        out_checkpoint=f"{MODELS}/harmonix-s/checkpoint.pt",
+        out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonix_s']}",
         out_metrics=f"{MODELS}/harmonix-s/metrics.tsv",
         out_curve=report(f"{MODELS}/harmonix-s/loss_curve.png", caption=caption("loss_curve"),
                          category="Training", labels={"model": "harmonix-S (MAE)"}),
@@ -65,7 +68,7 @@ rule pretrain_harmonizer:
         dep_t1=rules.pretrain_t1.input.dep_t1,
         dep_scaling=rules.store_scaling.output.out_scaling,
     output:
-        out_checkpoint=f"{MODELS}/harmonizer/checkpoint.pt",
+        out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonizer']}",
         out_metrics=f"{MODELS}/harmonizer/metrics.tsv",
         out_curve=report(f"{MODELS}/harmonizer/loss_curve.png", caption=caption("loss_curve"),
                          category="Training", labels={"model": "Harmonizer"}),
@@ -86,25 +89,56 @@ rule pretrain_harmonizer:
         STEP
 
 
-rule extract_embeddings:
+rule make_bundle:
     input:
-        harmonizer_checkpoint=rules.pretrain_harmonizer.output.out_checkpoint,
         fmri_checkpoint=rules.pretrain_fmri.output.out_checkpoint,
         t1_checkpoint=rules.pretrain_t1.output.out_checkpoint,
+        harmonizer_checkpoint=rules.pretrain_harmonizer.output.out_checkpoint,
+        scaling=rules.store_scaling.output.out_scaling,
+        scaling_table=rules.store_scaling.output.out_scaling_table,
         geometry=rules.pretrain_fmri.input.geometry,
-        dep_fmri=rules.pretrain_fmri.input.dep_fmri,
-        dep_t1=rules.pretrain_t1.input.dep_t1,
-        dep_scaling=rules.store_scaling.output.out_scaling,
+        splits=expand(rules.make_splits.output.out_splits, dataset=PRETRAIN),
+        samples=expand(rules.augment_samples.output.out_samples, dataset=PRETRAIN),
     output:
-        out_embeddings=f"{MODELS}/embeddings/desc-hub_embeddings.tsv",
-        out_fmri_embeddings=f"{MODELS}/embeddings/desc-harmonixF_embeddings.tsv",
-        out_t1_embeddings=f"{MODELS}/embeddings/desc-harmonixS_embeddings.tsv",
+        out_bundle=bundle_inputs()["bundle"],
+        out_scaling=bundle_inputs()["dep_scaling"],
+        out_scaling_table=f"{MODELS}/scaling.tsv",
+        out_geometry=bundle_inputs()["dep_geometry"],
+        out_card=f"{MODELS}/MODEL_CARD.md",
+        out_manifest=bundle_inputs()["dep_manifest"],
+    params:
+        step="bh_models.bundle:make_bundle",
+        settings=BUNDLE_SETTINGS,
+        seed=SEED,
+    log:
+        log_path("make_bundle", "all"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule extract_embeddings:
+    input:
+        **bundle_inputs(),
+        samples=rules.augment_samples.output.out_samples,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+    output:
+        out_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-hub_embeddings.tsv",
+        out_fmri_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-harmonixF_embeddings.tsv",
+        out_t1_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-harmonixS_embeddings.tsv",
     params:
         step="bh_models.pretrain:extract_embeddings",
-        store=STORE,
+        dataset=lambda w: w.dataset,
+        settings=BUNDLE_SETTINGS,
         batch_size=config["pretrain"]["harmonizer"]["batch_size"],
     log:
-        log_path("extract_embeddings", "all"),
+        log_path("extract_embeddings", "{dataset}"),
     threads: 2
     resources:
         gpu=min(gpus(), 1),

@@ -74,16 +74,44 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, demo_root) -> Path:
-    """The demo workflow run once, as the README's first command runs it."""
+def reference_stages(tmp_path_factory, demo_root) -> dict:
+    """The demo workflow, run as a user grows a cohort: first the pretraining sites alone (a
+    finished pretraining run), then the downstream site added to config.yaml and run again.
+
+    Returns the run folder, the checkpoints' sha256 after the first stage, the second
+    stage's dry-run plan, and wall times. The result is the whole demo, byte for byte
+    what one clean run writes (``test_sigkilled_clean_run_reruns_to_identical_files``).
+    """
     import time
 
-    from workflow_utils import make_workdir, manifest, snakemake
+    import yaml
+
+    from workflow_utils import make_workdir, manifest, sha256_file, snakemake
 
     raw_before = manifest(demo_root)
     workdir = make_workdir(tmp_path_factory.mktemp("run_a"), demo_root)
+    full = yaml.safe_load((workdir / "config.yaml").read_text())
+    downstream = [name for name, entry in full["datasets"].items() if entry.get("role") == "downstream"]
+    first = {**full, "datasets": {k: v for k, v in full["datasets"].items() if k not in downstream}}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(first, sort_keys=False))
     started = time.perf_counter()
     snakemake(workdir, "--cores", "2")
-    print(f"reference demo run: {time.perf_counter() - started:.0f} s")
+    pretraining_seconds = time.perf_counter() - started
+    models = workdir / "results" / "models"
+    checkpoints = {p.relative_to(models).as_posix(): sha256_file(p) for p in sorted(models.rglob("*.pt"))}
+
+    (workdir / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    plan = snakemake(workdir, "-n", "--cores", "2").stdout
+    started = time.perf_counter()
+    snakemake(workdir, "--cores", "2")
+    adding_seconds = time.perf_counter() - started
+    print(f"demo: pretraining run {pretraining_seconds:.0f} s, adding {downstream} {adding_seconds:.0f} s")
     assert manifest(demo_root) == raw_before, "the workflow wrote into the raw BIDS folders"
-    return workdir
+    return {"workdir": workdir, "checkpoints": checkpoints, "plan": plan, "downstream": downstream,
+            "pretraining_seconds": pretraining_seconds, "adding_seconds": adding_seconds}
+
+
+@pytest.fixture(scope="session")
+def reference_run(reference_stages) -> Path:
+    """The whole demo run (both stages of :func:`reference_stages`)."""
+    return reference_stages["workdir"]

@@ -16,8 +16,10 @@ def base_config(tmp_path):
 
 def test_repository_config_is_valid():
     config = load_config(REPO / "config.yaml", base_dir=REPO)
-    assert set(config["datasets"]) == {"siteA", "siteB"}
+    assert set(config["datasets"]) == {"siteA", "siteB", "siteC"}
     assert config["datasets"]["siteA"]["filters"]["task"] == "rest"
+    assert [config["datasets"][d]["role"] for d in ("siteA", "siteB", "siteC")] == ["pretrain", "pretrain",
+                                                                                  "downstream"]
 
 
 def test_defaults_are_filled(tmp_path):
@@ -73,7 +75,7 @@ def test_results_inside_bids_root_refused(tmp_path):
 
 def test_classification_needs_positive_class(tmp_path):
     config = base_config(tmp_path)
-    config["datasets"]["a"]["targets"] = {"dx": {"column": "diagnosis", "type": "classification"}}
+    config["datasets"]["a"].update(role="both", targets={"dx": {"column": "diagnosis", "type": "classification"}})
     with pytest.raises(BHConfigError, match=r"targets\.dx\.positive"):
         check_config(config)
 
@@ -108,3 +110,61 @@ def test_dataset_named_pooled_refused_while_pooled_evaluation_is_on(tmp_path):
         check_config(config)
     config["evaluate"] = {"pooled": False}
     check_config(config)
+
+
+TASKS = {"dx": {"column": "diagnosis", "type": "classification", "positive": "patient"}}
+
+
+def test_a_pretraining_dataset_needs_no_targets(tmp_path):
+    config = check_config(base_config(tmp_path))
+    assert config["datasets"]["a"]["role"] == "pretrain" and config["datasets"]["a"]["targets"] == {}
+    assert config["model"]["bundle"] is None
+
+
+def test_roles_and_targets_must_agree(tmp_path):
+    config = base_config(tmp_path)
+    config["datasets"]["b"]["role"] = "downstream"
+    with pytest.raises(BHConfigError, match=r"datasets\.b\.targets.*role downstream needs at least one target"):
+        check_config(config)
+    config = base_config(tmp_path)
+    config["datasets"]["a"]["targets"] = TASKS
+    with pytest.raises(BHConfigError, match=r"datasets\.a\.targets.*never be evaluated.*role: both"):
+        check_config(config)
+    config["datasets"]["a"]["role"] = "both"
+    check_config(config)
+    config = base_config(tmp_path)
+    config["datasets"]["a"]["role"] = "trainig"
+    with pytest.raises(BHConfigError, match=r"datasets\.a\.role"):
+        check_config(config)
+
+
+def test_something_must_train_the_models(tmp_path):
+    config = base_config(tmp_path)
+    for entry in config["datasets"].values():
+        entry.update(role="downstream", targets=TASKS)
+    with pytest.raises(BHConfigError, match=r"model\.bundle.*nothing would train the models"):
+        check_config(copy.deepcopy(config))
+    config["model"] = {"bundle": str(tmp_path / "bundle")}
+    check_config(config)  # only downstream datasets: valid with a bundle
+
+
+def test_a_bundle_run_pretrains_nothing(tmp_path):
+    config = base_config(tmp_path)
+    config["model"] = {"bundle": str(tmp_path / "bundle")}
+    with pytest.raises(BHConfigError, match=r"datasets\.a\.role.*model\.bundle is set.*role: downstream"):
+        check_config(config)
+
+
+def test_the_paper_protocol_example_validates_and_is_marked(tmp_path):
+    example = REPO / "workflow" / "examples" / "paper_protocol.yaml"
+    config = load_config(example, base_dir=tmp_path)
+    assert config["example_only"] is True
+    roles = {name: entry["role"] for name, entry in config["datasets"].items()}
+    assert roles == {"ukb": "pretrain", "abcd": "pretrain", "abide1": "downstream", "abide2": "downstream",
+                     "adhd200": "downstream", "ppmi": "downstream", "adni": "downstream", "hcpa": "downstream"}
+    assert all(entry["targets"] for name, entry in config["datasets"].items() if roles[name] == "downstream")
+    # The same placeholders without the mark are refused.
+    raw = load_yaml(example)
+    del raw["example_only"]
+    with pytest.raises(BHConfigError, match=r"results_dir.*placeholder of an example config"):
+        check_config(raw, base_dir=tmp_path)

@@ -202,7 +202,7 @@ def test_pooled_evaluation_regresses_out_the_dataset(tmp_path):
                                                        "roc.png", "scatter.png")}
     other_score = {**TASKS["score"], "covariates": ["age"]}  # configured differently at siteB: not pooled
     evaluate_pooled(
-        fused=tmp_path / "fused.tsv", fmri_only=tmp_path / "fmri.tsv", t1_only=tmp_path / "t1.tsv",
+        fused=[tmp_path / "fused.tsv"] * 2, fmri_only=[tmp_path / "fmri.tsv"] * 2, t1_only=[tmp_path / "t1.tsv"] * 2,
         timeseries=runs["siteA"] + runs["siteB"],
         timeseries_datasets=["siteA"] * len(runs["siteA"]) + ["siteB"] * len(runs["siteB"]),
         participants=[datasets["siteA"] / "participants.tsv", datasets["siteB"] / "participants.tsv"],
@@ -225,8 +225,8 @@ def test_pooled_evaluation_needs_a_shared_task(tmp_path):
     other = {"diagnosis": {**TASKS["diagnosis"], "positive": "control"}}
     with pytest.raises(BHConfigError, match="evaluate.pooled.*no task is configured identically"):
         evaluate_pooled(
-            fused=tmp_path / "fused.tsv", fmri_only=tmp_path / "fmri.tsv", t1_only=tmp_path / "t1.tsv",
-            timeseries=[], timeseries_datasets=[],
+            fused=[tmp_path / "fused.tsv"] * 2, fmri_only=[tmp_path / "fmri.tsv"] * 2,
+            t1_only=[tmp_path / "t1.tsv"] * 2, timeseries=[], timeseries_datasets=[],
             participants=[datasets["siteA"] / "participants.tsv", datasets["siteB"] / "participants.tsv"],
             datasets=["siteA", "siteB"], tasks={"siteA": {"diagnosis": TASKS["diagnosis"]}, "siteB": other},
             out_results=tmp_path / "r.tsv", out_predictions=tmp_path / "p.tsv",

@@ -2,7 +2,8 @@
 
 The packed store is replaced by a stand-in module with the same four names
 (``FmriShardDataset``, ``T1ShardDataset``, ``collate_fmri``, ``paired_samples``)
-serving synthetic, structured data: ROI time series driven by three shared
+serving synthetic, structured data (embeddings read the same subjects written as
+derivatives, through the real readers): ROI time series driven by three shared
 oscillations with ROI-specific loadings, and T1 volumes made of a smooth
 template plus subject-specific variation.
 """
@@ -118,7 +119,12 @@ def fake_paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fake_store_module():
+    import bh_models.store as real
+
     module = types.ModuleType("bh_models.store")
+    # Training reads the stand-in store; embeddings read derivatives through the real readers.
+    for name in ("FmriTableDataset", "T1TensorDataset", "pair_samples"):
+        setattr(module, name, getattr(real, name))
     module.FmriShardDataset = functools.partial(_Items, modality="fmri")
     module.T1ShardDataset = functools.partial(_Items, modality="t1")
     module.collate_fmri = fake_collate_fmri
@@ -166,6 +172,75 @@ def loss_drop(metrics_path: Path, column: str = "loss") -> tuple[float, float]:
     return first, last
 
 
+ROI_NAMES = [f"roi{i}" for i in range(N_ROIS)]
+TS_SUFFIX = "space-MNI152NLin2009cAsym_atlas-Schaefer2018_seg-7n_scale-400_timeseries.tsv"
+SETTINGS = {"atlas.name": "Schaefer2018", "atlas.parcels": 400, "atlas.networks": 7, "augment.tau": 35.28,
+            "augment.max_patches": MAX_PATCHES, "template.name": "MNI152NLin2009cAsym", "template.resolution": 2,
+            "anat.tensor_grid": list(VOLUME), "func.detrend": True, "func.high_pass": 0.01, "func.low_pass": None,
+            "func.standardize": "psc"}
+
+
+def write_derivatives(root: Path) -> dict:
+    """The synthetic subjects as one dataset's derivatives: parcel TSVs with sidecars, the samples
+    table (TR 0.735 s, factors 1 and 2) and T1 encoder tensors."""
+    from bh_models.augment import make_samples
+
+    root.mkdir(parents=True, exist_ok=True)
+    timeseries, tensors = [], []
+    for label, (_, has_fmri, has_t1) in SUBJECTS.items():
+        number = int(label)
+        if has_fmri:
+            n_frames = (2 + number % 2) * 48
+            x = synthetic_fmri(number, 0.735, 48, 3)[:, :n_frames]  # (R, T)
+            path = root / f"sub-{label}_task-rest_{TS_SUFFIX}"
+            pd.DataFrame(x.T.numpy(), columns=ROI_NAMES).to_csv(path, sep="\t", index=False, float_format="%.6g")
+            sidecar_path(path).write_text(f'{{"RepetitionTime": 0.735, "NumberOfVolumes": {n_frames}}}')
+            timeseries.append(path)
+        if has_t1:
+            path = root / f"sub-{label}_space-MNI152NLin2009cAsym_res-2_desc-encoder_T1w.npy"
+            np.save(path, synthetic_t1(number)[0].numpy())
+            tensors.append(path)
+    samples = root / "synth_samples.tsv"
+    make_samples(timeseries=timeseries, dataset="synth", out_samples=samples, tr_factors=[1, 2],
+                 max_patches=MAX_PATCHES, seed=0)
+    return {"samples": samples, "timeseries": timeseries, "t1_tensors": tensors, "dataset": "synth"}
+
+
+def write_bundle(pipeline: dict, root: Path, derivatives: dict) -> Path:
+    """The pipeline's checkpoints as a model bundle (identity scaling), through make_bundle."""
+    import shutil
+
+    from bh_models.bundle import CHECKPOINTS, make_bundle
+
+    for kind, name in zip(CHECKPOINTS, ("fmri", "t1", "harmonizer")):
+        target = root / CHECKPOINTS[kind]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pipeline[name]["out_checkpoint"], target)
+        shutil.copy(sidecar_path(pipeline[name]["out_checkpoint"]), sidecar_path(target))
+    work = root.parent / f"{root.name}_inputs"
+    work.mkdir()
+    (work / "scaling.json").write_text(pd.Series({"rois": ROI_NAMES, "median": [0.0] * N_ROIS,
+                                                   "iqr": [1.0] * N_ROIS, "n_subjects": 6}).to_json())
+    (work / "scaling.tsv").write_text("roi\tmedian\tiqr\n")
+    splits = work / "splits.tsv"
+    pd.DataFrame([(("synth", s, split)) for s, (split, _, _) in SUBJECTS.items()],
+                 columns=["dataset", "subject", "split"]).to_csv(splits, sep="\t", index=False)
+    make_bundle(fmri_checkpoint=root / CHECKPOINTS["harmonix_f"], t1_checkpoint=root / CHECKPOINTS["harmonix_s"],
+                harmonizer_checkpoint=root / CHECKPOINTS["harmonizer"], scaling=work / "scaling.json",
+                scaling_table=work / "scaling.tsv", geometry=pipeline["geometry"], splits=[splits],
+                samples=[derivatives["samples"]], out_bundle=root / "bundle.json", out_scaling=root / "scaling.json",
+                out_scaling_table=root / "scaling.tsv", out_geometry=root / "geometry_embedding.tsv",
+                out_card=root / "MODEL_CARD.md", out_manifest=root / "SHA256SUMS", settings=SETTINGS, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(pipeline: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("bundle")
+    derivatives = write_derivatives(root / "derivatives")
+    return {"bundle": write_bundle(pipeline, root / "models", derivatives) / "bundle.json", **derivatives}
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -196,13 +271,9 @@ def test_t1_grid_follows_the_store(pipeline: dict) -> None:
     assert config["img_size"] == (32, 32, 48)  # 30 x 32 x 34 rounded up to multiples of 16
 
 
-def test_extract_embeddings_writes_subject_tables(pipeline: dict, tmp_path: Path) -> None:
+def test_extract_embeddings_writes_subject_tables(bundle: dict, tmp_path: Path) -> None:
     outputs = {key: tmp_path / f"{key}.tsv" for key in ("out_embeddings", "out_fmri_embeddings", "out_t1_embeddings")}
-    summary = pretrain.extract_embeddings(
-        harmonizer_checkpoint=pipeline["harmonizer"]["out_checkpoint"],
-        fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
-        store=pipeline["store"], geometry=pipeline["geometry"], **outputs, threads=1,
-    )
+    summary = pretrain.extract_embeddings(**bundle, **outputs, settings=SETTINGS, threads=1)
     hub = pd.read_csv(outputs["out_embeddings"], sep="\t", dtype={"subject": str})
     fmri = pd.read_csv(outputs["out_fmri_embeddings"], sep="\t", dtype={"subject": str})
     t1 = pd.read_csv(outputs["out_t1_embeddings"], sep="\t", dtype={"subject": str})
@@ -212,16 +283,25 @@ def test_extract_embeddings_writes_subject_tables(pipeline: dict, tmp_path: Path
     assert t1["subject"].tolist() == [s for s, (_, _, t) in SUBJECTS.items() if t]
     assert np.isfinite(hub.iloc[:, 2:].to_numpy()).all()
     assert summary["hub_subjects"] == 10 and summary["hub_width"] == 64
+    assert read_json(sidecar_path(outputs["out_embeddings"]))["Bundle"]["pretraining_datasets"] == ["synth"]
     # Subjects differ; a rerun writes the same bytes.
     assert hub.iloc[:, 2:].std(axis=0).max() > 0
     again = {key: tmp_path / "again" / path.name for key, path in outputs.items()}
-    pretrain.extract_embeddings(
-        harmonizer_checkpoint=pipeline["harmonizer"]["out_checkpoint"],
-        fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
-        store=pipeline["store"], geometry=pipeline["geometry"], **again, threads=1,
-    )
+    pretrain.extract_embeddings(**bundle, **again, settings=SETTINGS, threads=1)
     for key in outputs:
         assert outputs[key].read_bytes() == again[key].read_bytes()
+
+
+def test_embeddings_refuse_a_bundle_trained_on_other_inputs(bundle: dict, tmp_path: Path) -> None:
+    """A config that disagrees with the bundle's settings is refused, naming the key and both values."""
+    from bh_models.errors import BHConfigError
+
+    outputs = {key: tmp_path / f"{key}.tsv" for key in ("out_embeddings", "out_fmri_embeddings", "out_t1_embeddings")}
+    for key, value in (("atlas.networks", 17), ("augment.tau", 30.0), ("atlas.parcels", 200)):
+        with pytest.raises(BHConfigError, match=rf"{key}.*is {value!r} in this config.*trained with "
+                                                rf"{SETTINGS[key]!r}"):
+            pretrain.extract_embeddings(**bundle, **outputs, settings={**SETTINGS, key: value}, threads=1)
+    assert not outputs["out_embeddings"].exists()
 
 
 def test_rerun_after_a_kill_resumes_to_identical_weights(pipeline: dict, tmp_path: Path,
@@ -281,15 +361,13 @@ def test_data_identity_changes_with_the_packed_data(tmp_path):
     assert data_identity(store=store, modalities=["fmri"]) != first
 
 
-def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, tmp_path: Path) -> None:
+def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dict, tmp_path: Path) -> None:
     """extract_latents packs every sample; the fine-tuned model joins the evaluation on the probe's folds."""
     from bh_models.evaluate import evaluate_dataset
     from bh_models.finetune import count_trainable_parameters, model_layers
     from bh_models.hub_finetune import HubClassifier, pack_latents, read_latents, unpack_latents
 
-    common = dict(harmonizer_checkpoint=pipeline["harmonizer"]["out_checkpoint"],
-                  fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
-                  store=pipeline["store"], geometry=pipeline["geometry"], threads=1)
+    common = dict(**bundle, settings=SETTINGS, threads=1)
     hub_finetune = __import__("bh_models.hub_finetune", fromlist=["extract_latents"])
     summary = hub_finetune.extract_latents(out_latents=tmp_path / "a.pt", **common)
     hub_finetune.extract_latents(out_latents=tmp_path / "again" / "a.pt", **common)  # torch stores the name
@@ -339,3 +417,19 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, tmp_path: P
     assert row["n_trainable_params"] == count_trainable_parameters(model=HubClassifier(harmonizer, 2))
     assert 0 <= row["auroc_mean"] <= 1 and np.isnan(row["permutation_p"]) and row["n_permutations"] == 0
     assert row["selected_penalty"].startswith("lr=0.001 decay=0.75 epochs=")
+
+
+def test_the_bundle_holds_everything_to_encode_and_verifies(bundle: dict) -> None:
+    from bh_models.bundle import CHECKPOINTS, read_bundle, verify_bundle
+
+    root = bundle["bundle"].parent
+    assert verify_bundle(root) == []
+    meta = read_bundle(root)
+    assert meta["settings"] == SETTINGS and meta["pretraining"]["datasets"] == ["synth"]
+    assert set(meta["model_configs"]) == set(CHECKPOINTS)
+    card = (root / "MODEL_CARD.md").read_text()
+    for needle in ("## Pretraining data", "| synth |", "harmonix-f/checkpoint.pt", "loss drop", "Normalisation contract",
+                   "augment.tau", "commit"):
+        assert needle in card, needle
+    steps = read_json(sidecar_path(root / CHECKPOINTS["harmonizer"]))["Steps"]
+    assert f"| harmonizer | {CHECKPOINTS['harmonizer']} | {steps} |" in card

@@ -42,7 +42,7 @@ def slurm_cluster() -> None:
 def _copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("report.html"))
     results = dst / "results"
-    for gone in ("models", "evaluation"):
+    for gone in ("models", "embeddings", "evaluation"):
         shutil.rmtree(results / gone)
     for path in (results / "qc").glob("audit.*"):
         path.unlink()

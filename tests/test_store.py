@@ -258,3 +258,52 @@ def test_bad_inputs_are_named(inputs: dict, tmp_path: Path) -> None:
         FmriShardDataset(tmp_path / "nothing", "train")
     with pytest.raises(BHInputError, match="scaling statistics are missing"):
         load_scaling(tmp_path / "scaling.json")
+
+
+def test_derivative_readers_give_the_packed_items(inputs: dict, store: Path, tmp_path: Path) -> None:
+    """A downstream dataset read straight from its derivatives (never packed) is encoded from the
+    same items the packed store serves, scaled with the given statistics."""
+    from bh_models.store import FmriTableDataset, T1TensorDataset, pair_samples
+
+    timeseries, tensors = inputs["dsA"]
+    samples = tmp_path / "dsA_samples.tsv"
+    make_samples(timeseries=timeseries, dataset="dsA", out_samples=samples, tr_factors=DATASETS["dsA"]["factors"],
+                 seed=11)
+    direct = FmriTableDataset(samples=samples, timeseries=timeseries, scaling=store / "scaling.json")
+    packed = {}
+    for split in ("train", "val", "test"):
+        dataset = FmriShardDataset(store, split)
+        packed.update({dataset[i]["sample_id"]: dataset[i] for i in range(len(dataset))
+                       if dataset[i]["dataset"] == "dsA"})
+    assert len(direct) == len(packed) > 0
+    for i in range(len(direct)):
+        item = direct[i]
+        other = packed[item["sample_id"]]
+        assert torch.equal(item["x"], other["x"]) and torch.equal(item["patch_mask"], other["patch_mask"])
+        assert {k: item[k] for k in ("tr", "k", "n_patches", "n_frames", "subject")} == \
+               {k: other[k] for k in ("tr", "k", "n_patches", "n_frames", "subject")}
+    t1 = T1TensorDataset(t1_tensors=tensors, dataset="dsA")
+    packed_t1 = {}
+    for split in ("train", "val", "test"):
+        dataset = T1ShardDataset(store, split)
+        packed_t1.update({dataset[i]["sample_id"]: dataset[i] for i in range(len(dataset))
+                          if dataset[i]["dataset"] == "dsA"})
+    assert sorted(t1.index["sample_id"]) == sorted(packed_t1)
+    for i in range(len(t1)):
+        assert torch.equal(t1[i]["t1"], packed_t1[t1[i]["sample_id"]]["t1"])
+    pairs = pair_samples(fmri=direct.index, t1=t1.index)
+    assert set(pairs["subject"]) == set(DATASETS["dsA"]["runs"]) | set(DATASETS["dsA"]["t1"])
+    assert pairs.loc[pairs["subject"] == "07", "fmri_sample_id"].isna().all()  # T1 only
+
+
+def test_derivative_reader_refuses_another_roi_order(inputs: dict, store: Path, tmp_path: Path) -> None:
+    from bh_models.store import FmriTableDataset
+
+    timeseries, _ = inputs["dsA"]
+    samples = tmp_path / "s.tsv"
+    make_samples(timeseries=timeseries, dataset="dsA", out_samples=samples, tr_factors=[1], seed=11)
+    scaling = json.loads((store / "scaling.json").read_text())
+    scaling["rois"] = list(reversed(scaling["rois"]))
+    (tmp_path / "scaling.json").write_text(json.dumps(scaling))
+    with pytest.raises(BHInputError, match="differ from the scaling statistics.*network order"):
+        FmriTableDataset(samples=samples, timeseries=timeseries, scaling=tmp_path / "scaling.json")

@@ -22,13 +22,20 @@ import pytest
 
 
 from bh_models.recovery import recovery_table
-from workflow_utils import REPO, make_workdir, manifest, results_manifest, snakemake
+from workflow_utils import REPO, make_workdir, manifest, results_manifest, sha256_file, snakemake
 
 RULES = ["index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table", "func_preprocess",
          "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "augment_samples",
          "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
-         "pretrain_harmonizer", "extract_embeddings", "evaluate_dataset", "evaluate_pooled", "exclusion_table",
+         "pretrain_harmonizer", "make_bundle", "extract_embeddings", "evaluate_dataset", "exclusion_table",
          "boilerplate", "audit"]
+# What a new downstream dataset may cost on a finished run: its own preprocessing, sample
+# plan, embedding and evaluation, and the cohort-level tables, methods, report and audit.
+ADDING_A_DOWNSTREAM_DATASET = {"index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table",
+                               "func_preprocess", "func_qc_table", "augment_samples", "extract_embeddings",
+                               "evaluate_dataset", "exclusion_table", "boilerplate", "audit", "all"}
+PRETRAINING_RULES = {"make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
+                     "pretrain_harmonizer", "make_bundle", "geometry_eigenmodes", "geometry_project"}
 
 
 def test_dry_run_lists_every_rule(tmp_path, demo_root):
@@ -36,6 +43,14 @@ def test_dry_run_lists_every_rule(tmp_path, demo_root):
     done = snakemake(workdir, "-n", "--cores", "2")
     for rule in RULES:
         assert f"\n{rule} " in done.stdout, f"rule {rule} missing from the dry-run plan"
+
+
+def test_the_example_protocol_config_is_refused_by_the_workflow(tmp_path):
+    workdir = tmp_path / "example"
+    workdir.mkdir()
+    shutil.copy(REPO / "workflow" / "examples" / "paper_protocol.yaml", workdir / "config.yaml")
+    done = snakemake(workdir, "-n", "--cores", "2", check=False)
+    assert done.returncode != 0 and "example_only" in done.stdout + done.stderr
 
 
 def test_unknown_config_key_is_named(tmp_path, demo_root):
@@ -96,53 +111,127 @@ def test_demo_pretraining_lowers_every_loss_by_30_percent(reference_run):
         assert drop >= 0.30, model
 
 
-def test_demo_fused_probe_finds_the_diagnosis(reference_run):
-    """The issue's "real finding": all 15 demo subjects with fMRI (two sites of 7-8 pooled, site
-    regressed out in-fold) - per site, 5 training subjects cannot support cross-validated inference."""
-    results = pd.read_csv(reference_run / "results" / "evaluation" / "pooled_desc-probe_results.tsv", sep="\t")
-    fused = results[(results["task"] == "diagnosis") & (results["model"] == "fused")].iloc[0]
-    print(f"\npooled demo diagnosis, fused: AUROC {fused['auroc_mean']:.3f} +- {fused['auroc_sd']:.3f}, "
-          f"p = {fused['permutation_p']:.4f} ({fused['n_permutations']} permutations, {fused['n_subjects']} subjects)")
-    assert fused["covariates"] == "dataset" and fused["n_subjects"] >= 15
-    assert fused["permutation_p"] < 0.05
+def _planned_jobs(plan: str) -> dict[str, int]:
+    """rule -> job count, from the "Job stats" table of ``snakemake -n``."""
+    table = plan.split("Job stats:")[1].split("total")[0]
+    return {parts[0]: int(parts[1]) for line in table.splitlines()
+            if len(parts := line.split()) == 2 and parts[1].isdigit()}
+
+
+def test_adding_a_downstream_dataset_costs_only_that_dataset(reference_stages):
+    """A labelled cohort added to a finished pretraining run: its own jobs and the cohort-level ones,
+    no pretraining, packing or scaling job, and every checkpoint byte-identical afterwards."""
+    jobs = _planned_jobs(reference_stages["plan"])
+    print(f"\nadding {reference_stages['downstream']}: {sum(jobs.values())} jobs {jobs}, "
+          f"{reference_stages['adding_seconds']:.0f} s (pretraining run {reference_stages['pretraining_seconds']:.0f} s)")
+    assert set(jobs) <= ADDING_A_DOWNSTREAM_DATASET, set(jobs) - ADDING_A_DOWNSTREAM_DATASET
+    assert not set(jobs) & PRETRAINING_RULES
+    assert jobs["extract_embeddings"] == 1 and jobs["evaluate_dataset"] == 1 and jobs["index_dataset"] == 1
+    assert jobs["anat_preprocess"] == 16  # siteC's subjects only
+    models = reference_stages["workdir"] / "results" / "models"
+    after = {p.relative_to(models).as_posix(): sha256_file(p) for p in sorted(models.rglob("*.pt"))}
+    assert after == reference_stages["checkpoints"] and len(after) == 3
+
+
+def test_demo_evaluation_is_a_transfer_test(reference_run):
+    """The downstream site (16 subjects, a TR of its own) never entered pretraining: not in the
+    store, the splits, the scaling statistics or the bundle; its frozen embeddings are probed."""
+    results = reference_run / "results"
+    store = results / "store"
+    assert sorted(p.name for p in (store / "fmri").iterdir()) == ["siteA", "siteB"]
+    assert sorted(p.name for p in (store / "t1").iterdir()) == ["siteA", "siteB"]
+    assert not list((store / "splits").glob("siteC*"))
+    assert json.loads((store / "scaling.json").read_text())["datasets"] == ["siteA", "siteB"]
+    bundle = json.loads((results / "models" / "bundle.json").read_text())
+    assert bundle["pretraining"]["datasets"] == ["siteA", "siteB"]
+    embeddings = pd.read_csv(results / "embeddings" / "siteC_desc-hub_embeddings.tsv", sep="\t")
+    assert len(embeddings) == 16 and set(embeddings["dataset"]) == {"siteC"}
+    table = pd.read_csv(results / "evaluation" / "siteC_desc-probe_results.tsv", sep="\t")
+    for _, row in table[table["task"] == "diagnosis"].iterrows():
+        print(f"\nsiteC diagnosis, {row['model']}: AUROC {row['auroc_mean']:.3f} +- {row['auroc_sd']:.3f}, "
+              f"p = {row['permutation_p']:.4f}")
+    assert (table["n_subjects"] == 16).all() and set(table["dataset"]) == {"siteC"}
 
 
 def test_demo_shuffled_diagnosis_is_not_found(reference_run, tmp_path):
-    """The same pooled evaluation with diagnoses reassigned (half of each site's patients and half of
-    its controls become patients): the fused probe must not beat chance."""
-    from bh_models.evaluate import evaluate_pooled
+    """The same evaluation with diagnoses reassigned (half of the patients and half of the controls
+    become patients): the fused probe must not beat chance."""
+    from bh_models.evaluate import evaluate_dataset
 
     config = __import__("yaml").safe_load((reference_run / "config.yaml").read_text())
-    datasets = list(config["datasets"])
-    participants, timeseries, owners = [], [], []
-    for name in datasets:
-        table = pd.read_csv(reference_run / config["datasets"][name]["bids_root"] / "participants.tsv", sep="\t",
-                            dtype=str)
-        shuffled = table["diagnosis"].copy()
-        for label in ("patient", "control"):
-            members = table.index[table["diagnosis"] == label]
-            shuffled[members] = ["patient" if i % 2 == 0 else "control" for i in range(len(members))]
-        path = tmp_path / name / "participants.tsv"
-        path.parent.mkdir()
-        table.assign(diagnosis=shuffled).to_csv(path, sep="\t", index=False)
-        participants.append(path)
-        runs = sorted((reference_run / "results" / "derivatives" / "bh-preproc" / name).glob(
-            "sub-*/func/*_seg-7n_scale-400_timeseries.tsv"))
-        timeseries += runs
-        owners += [name] * len(runs)
-    embeddings = reference_run / "results" / "models" / "embeddings"
+    name = "siteC"
+    table = pd.read_csv(reference_run / config["datasets"][name]["bids_root"] / "participants.tsv", sep="\t",
+                        dtype=str)
+    shuffled = table["diagnosis"].copy()
+    for label in ("patient", "control"):
+        members = table.index[table["diagnosis"] == label]
+        shuffled[members] = ["patient" if i % 2 == 0 else "control" for i in range(len(members))]
+    participants = tmp_path / name / "participants.tsv"
+    participants.parent.mkdir()
+    table.assign(diagnosis=shuffled).to_csv(participants, sep="\t", index=False)
+    timeseries = sorted((reference_run / "results" / "derivatives" / "bh-preproc" / name).glob(
+        "sub-*/func/*_timeseries.tsv"))
+    embeddings = reference_run / "results" / "embeddings"
     out = {key: tmp_path / "out" / f"{key}.out" for key in
            ("out_results", "out_predictions", "out_figure_metrics", "out_figure_roc", "out_figure_scatter")}
-    evaluate_pooled(fused=embeddings / "desc-hub_embeddings.tsv", fmri_only=embeddings / "desc-harmonixF_embeddings.tsv",
-                    t1_only=embeddings / "desc-harmonixS_embeddings.tsv", timeseries=timeseries,
-                    timeseries_datasets=owners, participants=participants, datasets=datasets,
-                    tasks={name: {"diagnosis": config["datasets"][name]["targets"]["diagnosis"]} for name in datasets},
-                    seed=config["seed"], threads=2, **{k: config["evaluate"][k] for k in
-                                                      ("n_folds", "n_repeats", "n_permutations")}, **out)
+    evaluate_dataset(fused=embeddings / f"{name}_desc-hub_embeddings.tsv",
+                     fmri_only=embeddings / f"{name}_desc-harmonixF_embeddings.tsv",
+                     t1_only=embeddings / f"{name}_desc-harmonixS_embeddings.tsv", timeseries=timeseries,
+                     participants=participants, dataset=name,
+                     tasks={"diagnosis": config["datasets"][name]["targets"]["diagnosis"]},
+                     seed=config["seed"], threads=2, **{k: config["evaluate"][k] for k in
+                                                       ("n_folds", "n_repeats", "n_permutations")}, **out)
     results = pd.read_csv(out["out_results"], sep="\t").set_index("model")
     print(f"\nshuffled diagnosis, fused: AUROC {results.loc['fused', 'auroc_mean']:.3f}, "
           f"p = {results.loc['fused', 'permutation_p']:.4f}")
     assert results.loc["fused", "permutation_p"] >= 0.05
+
+
+def test_a_run_from_a_bundle_needs_no_pretraining(reference_run, demo_root, tmp_path):
+    """A new results folder with only a downstream dataset and model.bundle: no pretraining job, and
+    the bundle encodes the subjects as the run that made it did."""
+    import yaml
+
+    bundle = reference_run / "results" / "models"
+    keep = ["01", "02", "03", "04", "05", "06"]
+    subjects = sorted(p.name.removeprefix("sub-") for p in (demo_root / "siteC").glob("sub-*"))
+    workdir = make_workdir(tmp_path / "from_bundle", demo_root)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    site = {**config["datasets"]["siteC"], "exclude_subjects": [s for s in subjects if s not in keep]}
+    config.update(datasets={"siteC": site}, model={"bundle": str(bundle)})
+    config["evaluate"].update(n_repeats=1, n_permutations=5)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    jobs = _planned_jobs(snakemake(workdir, "-n", "--cores", "2").stdout)
+    assert not set(jobs) & PRETRAINING_RULES and jobs["extract_embeddings"] == 1, jobs
+    bundle_before = manifest(bundle)
+    snakemake(workdir, "--cores", "2")
+    ours = pd.read_csv(workdir / "results" / "embeddings" / "siteC_desc-hub_embeddings.tsv", sep="\t",
+                       dtype={"subject": str}).set_index("subject")
+    theirs = pd.read_csv(reference_run / "results" / "embeddings" / "siteC_desc-hub_embeddings.tsv", sep="\t",
+                         dtype={"subject": str}).set_index("subject")
+    assert list(ours.index) == keep
+    assert np.allclose(ours.iloc[:, 1:].to_numpy(), theirs.loc[keep].iloc[:, 1:].to_numpy(), atol=1e-5)
+    assert (workdir / "results" / "evaluation" / "siteC_desc-probe_results.tsv").is_file()
+    assert not (workdir / "results" / "models").exists()
+    assert manifest(bundle) == bundle_before  # read, never written
+    done = subprocess.run([str(Path(os.sys.executable).parent / "bh"), "bundle", "verify", str(bundle)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr
+
+
+def test_a_bundle_trained_on_other_inputs_is_refused_before_any_job(reference_run, demo_root, tmp_path):
+    import yaml
+
+    workdir = make_workdir(tmp_path / "mismatch", demo_root)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config.update(datasets={"siteC": config["datasets"]["siteC"]},
+                  model={"bundle": str(reference_run / "results" / "models")})
+    config["atlas"]["networks"] = 17
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    done = snakemake(workdir, "-n", "--cores", "2", check=False)
+    assert done.returncode != 0
+    message = done.stdout + done.stderr
+    assert "atlas.networks" in message and "is 17 in this config" in message and "trained with 7" in message
 
 
 def test_evaluation_covers_every_task_model_and_baseline(reference_run):
