@@ -7,7 +7,7 @@ Jobs, each in a fresh process (``spawn``), so the peak resident memory
   outputs at 2 mm, tensor 48 x 56 x 48), deepbet;
 - ``chain 1 mm``: the paper settings (registration and MNI outputs at 1 mm,
   tensor 160 x 192 x 160 at 1 mm), deepbet;
-- ``skullstrip <method>``: :func:`bh_models.skullstrip.skullstrip` alone on
+- ``skullstrip <method>``: :func:`bh_models.anat.skullstrip.skullstrip` alone on
   ch2 and on ch2 under a random affine header (oblique, scaled), Dice against
   FSL BET's ``ch2bet > 0`` (same voxels: only the header moves).
 
@@ -79,7 +79,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str, threads: int) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
     work = Path(workdir)
     if job.startswith("chain"):
-        from bh_models.anat import preprocess_anat
+        from bh_models.anat.preprocess import preprocess_anat
 
         res = 2 if job == "chain_2mm" else 1
         grid = (48, 56, 48) if res == 2 else (160, 192, 160)
@@ -97,7 +97,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str, threads: int) -> None:
         import nibabel as nib
         import numpy as np
 
-        from bh_models.skullstrip import dice, skullstrip, tiv_ml
+        from bh_models.anat.skullstrip import dice, skullstrip, tiv_ml
 
         method, which = job.split("_")[1:]
         source = CH2 if which == "ch2" else _perturbed_ch2(work / "ch2_random_affine.nii.gz")

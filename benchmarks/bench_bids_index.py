@@ -2,7 +2,7 @@
 
 Builds (once, reused afterwards) a layout of N subjects, each with one T1w and
 one rest BOLD with a JSON sidecar (zero-byte images), plus a top-level
-task-rest_bold.json, then times ``bh_models.bids.index_dataset`` on all of it
+task-rest_bold.json, then times ``bh_models.bids.index.index_dataset`` on all of it
 and pybids' ``BIDSLayout`` on a subset (pybids is ~100x slower; the full-size
 pybids figure is extrapolated linearly unless --pybids-full is given).
 
@@ -43,7 +43,7 @@ def build_layout(root: Path, n_subjects: int) -> None:
 
 
 def time_bh(root: Path) -> tuple[float, int, int]:
-    from bh_models.bids import index_dataset
+    from bh_models.bids.index import index_dataset
 
     start = time.perf_counter()
     index = index_dataset(root, dataset="bench")
@@ -76,7 +76,7 @@ def main() -> None:
     os.sync()
 
     bh_s, n_sub, n_bold = time_bh(args.root)
-    print(f"bh_models.bids.index_dataset: {n_sub} subjects, {n_bold} BOLD runs in {bh_s:.2f} s "
+    print(f"bh_models.bids.index.index_dataset: {n_sub} subjects, {n_bold} BOLD runs in {bh_s:.2f} s "
           f"({1000 * bh_s / n_sub:.3f} ms/subject)")
 
     n_py = args.subjects if args.pybids_full else args.pybids_subjects

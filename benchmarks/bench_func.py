@@ -5,7 +5,7 @@ brain under a known rigid head pose: a 1 mm native T1w and brain mask, a rest
 BOLD run (``--bold-mm`` voxels, default 3 mm, 200 volumes, TR 0.8 s, EPI-like
 contrast, random parcel series, small rigid head motion, noise), and the
 anatomical outputs the functional chain needs: the T1w -> MNI composite
-transform from :func:`bh_models.registration.register_to_template` (``SyN``
+transform from :func:`bh_models.anat.registration.register_to_template` (``SyN``
 preset at ``--anat-mm``, default 4 mm, so the ``.h5`` holds a real
 displacement field) and the subject mask on the 2 mm template grid.
 
@@ -17,8 +17,8 @@ interpreter and imports included), with 2 threads as the rule gives:
     motion, coregistration, one-shot resampling of the atlas voxels,
     parcellation, cleaning, TSV/JSON/PNG outputs.
 ``one-shot (atlas voxels)`` / ``one-shot (full grid)``
-    :func:`bh_models.resample.map_points` once plus
-    :func:`bh_models.resample.resample_bold` for every volume, onto the atlas
+    :func:`bh_models.func.resample.map_points` once plus
+    :func:`bh_models.func.resample.resample_bold` for every volume, onto the atlas
     voxels inside the brain mask (what the chain does) or onto the whole 2 mm
     template grid (like for like with ANTs).
 ``ANTs per-volume loop``
@@ -84,8 +84,8 @@ def setup(workdir: Path, *, n_volumes: int, bold_mm: float, anat_mm: float, seed
     import numpy as np
     from scipy import ndimage
 
-    from bh_models.registration import limit_itk_threads, register_to_template
-    from bh_models.templates import atlas_in_template_space, load_template
+    from bh_models.anat.registration import limit_itk_threads, register_to_template
+    from bh_models.core.templates import atlas_in_template_space, load_template
 
     limit_itk_threads(THREADS)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def setup(workdir: Path, *, n_volumes: int, bold_mm: float, anat_mm: float, seed
 
 def _measure(queue: mp.Queue, job: str, workdir: str) -> None:
     """Run one job in this fresh process; report wall s, CPU s, peak RSS MB and a note."""
-    from bh_models.step import limit_threads
+    from bh_models.core.step import limit_threads
 
     limit_threads(THREADS)  # as the Snakemake runner does: numpy, torch and ITK threads
     import nibabel as nib
@@ -149,7 +149,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str) -> None:
     work = Path(workdir)
     bold = work / "sub-01_task-rest_bold.nii.gz"
     if job == "step":
-        from bh_models.func import preprocess_bold
+        from bh_models.func.preprocess import preprocess_bold
 
         wall0, cpu0 = time.perf_counter(), time.process_time()
         out = preprocess_bold(
@@ -160,9 +160,9 @@ def _measure(queue: mp.Queue, job: str, workdir: str) -> None:
         )
         note = f"mean FD {out['mean_fd']:.3f} mm, {len(out['warnings'])} warning(s)"
     elif job in ("oneshot_atlas", "oneshot_full"):
-        from bh_models.parcellate import parcel_layout
-        from bh_models.resample import grid_points, map_points, resample_bold
-        from bh_models.templates import atlas_in_template_space
+        from bh_models.func.parcellate import parcel_layout
+        from bh_models.func.resample import grid_points, map_points, resample_bold
+        from bh_models.core.templates import atlas_in_template_space
 
         atlas = atlas_in_template_space(7, RESOLUTION)
         mask = nib.load(work / "mni_mask.nii.gz")
@@ -184,8 +184,8 @@ def _measure(queue: mp.Queue, job: str, workdir: str) -> None:
     elif job == "ants_loop":
         import ants
 
-        from bh_models.registration import ants_to_nifti, nifti_to_ants
-        from bh_models.templates import load_template
+        from bh_models.anat.registration import ants_to_nifti, nifti_to_ants
+        from bh_models.core.templates import load_template
 
         template, _, _ = load_template(RESOLUTION)
         motion = np.load(work / "motion.npy")

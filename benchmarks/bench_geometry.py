@@ -35,7 +35,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str, n_modes: int) -> None:
         import numpy as np
         from threadpoolctl import threadpool_limits
 
-        from bh_models.geometry import load_hemisphere, remove_medial_wall
+        from bh_models.geometry.eigenmodes import load_hemisphere, remove_medial_wall
 
         mesh = load_hemisphere(surface="fsLR32k", hemi="L")
         vertices, triangles = remove_medial_wall(vertices=mesh.vertices, triangles=mesh.triangles,
@@ -47,7 +47,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str, n_modes: int) -> None:
             values, _ = lapy.Solver(lapy.TriaMesh(vertices, triangles)).eigs(k=n_modes, rng=0)
         extra = f"lambda_2 = {float(np.sort(values)[1]):.6g}"
     elif job in ("step_L", "step_R"):
-        from bh_models.geometry import compute_eigenmodes
+        from bh_models.geometry.eigenmodes import compute_eigenmodes
 
         hemi = job[-1]
         wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -56,7 +56,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str, n_modes: int) -> None:
                                  surface="fsLR32k", hemi=hemi, n_modes=n_modes, threads=2)
         extra = f"lambda_2 = {out['first_eigenvalues'][1]:.6g}"
     elif job == "project":
-        from bh_models.geometry import project_eigenmodes
+        from bh_models.geometry.eigenmodes import project_eigenmodes
 
         wall0, cpu0 = time.perf_counter(), time.process_time()
         project_eigenmodes(eigenmodes_lh=workdir_path / "hemi-L_eigenmodes.npy",

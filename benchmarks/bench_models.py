@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from bh_models.nn.blocks import naive_attention
+from bh_models.models.nn.blocks import naive_attention
 
 FULL_TOKENS = 400 * 18 + 1200 + 128
 
@@ -62,10 +62,10 @@ def demo_fmri_batch(batch_size: int) -> dict:
 
 def run_model(name: str, steps: int, batch_size: int) -> dict:
     """Time ``steps`` training steps of one tiny config after one warm-up step."""
-    from bh_models.nn.configs import model_config
-    from bh_models.nn.harmonix_f import HarmonixF
-    from bh_models.nn.harmonix_s import HarmonixS
-    from bh_models.nn.harmonizer import Harmonizer
+    from bh_models.models.nn.configs import model_config
+    from bh_models.models.nn.harmonix_f import HarmonixF
+    from bh_models.models.nn.harmonix_s import HarmonixS
+    from bh_models.models.nn.harmonizer import Harmonizer
 
     torch.manual_seed(0)
     if name == "harmonix_f":
@@ -115,10 +115,10 @@ def run_model(name: str, steps: int, batch_size: int) -> dict:
 
 def base_parameter_counts() -> list[dict]:
     """Parameters of each full-size config (the paper's ViT-B scale)."""
-    from bh_models.nn.configs import model_config
-    from bh_models.nn.harmonix_f import HarmonixF
-    from bh_models.nn.harmonix_s import HarmonixS
-    from bh_models.nn.harmonizer import Harmonizer
+    from bh_models.models.nn.configs import model_config
+    from bh_models.models.nn.harmonix_f import HarmonixF
+    from bh_models.models.nn.harmonix_s import HarmonixS
+    from bh_models.models.nn.harmonizer import Harmonizer
 
     builders = {
         "harmonix_f": lambda c: HarmonixF(c, torch.zeros(c.n_rois, c.geometry_dim)),

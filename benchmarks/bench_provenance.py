@@ -7,7 +7,7 @@ inputs; with it, only the first does.
 
 Part 2 (audit): a synthetic results tree of N subjects (default 10,000), each
 with a raw T1w, an ``anat`` job (4 outputs) and a ``tensor`` job (1 output),
-all small files, recorded with :func:`bh_models.provenance.record_job`. Times
+all small files, recorded with :func:`bh_models.core.provenance.record_job`. Times
 the audit with a cold cache (``--rehash``: every file read) and a warm one.
 
 Run:  python benchmarks/bench_provenance.py [--subjects 10000] [--mb-t1 8] [--mb-bold 64]
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bh_models.audit import audit, summarize
-from bh_models.hashing import HashCache, hash_cache_dir
-from bh_models.provenance import code_version, package_versions, record_job
+from bh_models.records.audit import audit, summarize
+from bh_models.core.hashing import HashCache, hash_cache_dir
+from bh_models.core.provenance import code_version, package_versions, record_job
 
 HOUR_NS = 3600 * 10**9
 

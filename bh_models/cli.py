@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from bh_models.errors import BHConfigError, BHInputError
+from bh_models.core.errors import BHConfigError, BHInputError
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from bh_models.bids import Filters, index_dataset
+    from bh_models.bids.index import Filters, index_dataset
 
     start = time.perf_counter()
     filters = Filters(task=args.task, session=args.session, run=args.run, acquisition=args.acq)
@@ -40,7 +40,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bh_models.demo import write_demo_cohort
+    from bh_models.demo.cohort import write_demo_cohort
 
     start = time.perf_counter()
     sizes = {} if args.subjects_per_site is None else {"subjects_per_site": args.subjects_per_site}
@@ -52,9 +52,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from bh_models.bundle import check_settings, read_bundle, settings_from_config
-    from bh_models.cohort import plan_cohort
-    from bh_models.config import load_config, pretraining_datasets
+    from bh_models.models.bundle import check_settings, read_bundle, settings_from_config
+    from bh_models.bids.cohort import plan_cohort
+    from bh_models.core.config import load_config, pretraining_datasets
 
     config = load_config(args.configfile)
     if config["example_only"]:
@@ -82,13 +82,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    from bh_models.bundle import main as bundle_main
+    from bh_models.models.bundle import main as bundle_main
 
     return bundle_main(args.rest)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from bh_models.audit import main as audit_main
+    from bh_models.records.audit import main as audit_main
 
     return audit_main([str(args.results_dir), *args.rest])
 

@@ -22,7 +22,7 @@ rule anat_preprocess:
                                    subcategory="{dataset}",
                                    labels={"subject": "{subject}", "figure": "registration"}),
     params:
-        step="bh_models.anat:preprocess_anat",
+        step="bh_models.anat.preprocess:preprocess_anat",
         skullstrip_method=config["anat"]["skullstrip"],
         type_of_transform=config["anat"]["type_of_transform"],
         resolution=RES,
@@ -52,7 +52,7 @@ rule anat_qc_table:
         out_table=report(f"{QC}/{{dataset}}_desc-anat_qc.tsv", caption=caption("anat_qc_table"),
                          category="Cohort QC", labels={"dataset": "{dataset}", "table": "anatomical"}),
     params:
-        step="bh_models.anat:anat_qc_table",
+        step="bh_models.anat.preprocess:anat_qc_table",
     log:
         log_path("anat_qc_table", "{dataset}"),
     threads: 1

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from bh_models.bundle import CHECKPOINTS, bundle_paths, check_settings, read_bundle, settings_from_config
-from bh_models.cohort import plan_cohort
-from bh_models.config import check_config, downstream_datasets, load_yaml, pretraining_datasets
-from bh_models.errors import BHConfigError, BHInputError
-from bh_models.exclusions import failed_subjects
+from bh_models.models.bundle import CHECKPOINTS, bundle_paths, check_settings, read_bundle, settings_from_config
+from bh_models.bids.cohort import plan_cohort
+from bh_models.core.config import check_config, downstream_datasets, load_yaml, pretraining_datasets
+from bh_models.core.errors import BHConfigError, BHInputError
+from bh_models.core.exclusions import failed_subjects
 
 try:
     for _configfile in workflow.configfiles:
@@ -162,8 +162,8 @@ def final_targets():
 
 def pooled_evaluation():
     """Evaluate the downstream datasets together: asked for, two or more of them, and a task they share."""
-    from bh_models.evaluate import pooled_tasks
-    from bh_models.targets import parse_tasks
+    from bh_models.evaluation.evaluate import pooled_tasks
+    from bh_models.evaluation.targets import parse_tasks
 
     if not config["evaluate"]["pooled"] or len(DOWNSTREAM) < 2:
         return False

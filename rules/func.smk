@@ -17,7 +17,7 @@ rule func_preprocess:
                           caption=caption("func_carpet"), category="Functional", subcategory="{dataset}",
                           labels={"run": "{bold}", "figure": "carpet and FD"}),
     params:
-        step="bh_models.func:preprocess_bold",
+        step="bh_models.func.preprocess:preprocess_bold",
         tr_sidecar=lambda w: bold_entry(w)["tr"],
         tr_override=lambda w: dataset_entry(w)["tr_override"],
         resolution=RES,
@@ -53,7 +53,7 @@ rule func_qc_table:
         out_table=report(f"{QC}/{{dataset}}_desc-func_qc.tsv", caption=caption("func_qc_table"),
                          category="Cohort QC", labels={"dataset": "{dataset}", "table": "functional"}),
     params:
-        step="bh_models.func:func_qc_table",
+        step="bh_models.func.preprocess:func_qc_table",
     log:
         log_path("func_qc_table", "{dataset}"),
     threads: 1

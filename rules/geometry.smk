@@ -7,7 +7,7 @@ rule geometry_eigenmodes:
         out_eigenvalues=f"{GEOMETRY}/{SURFACE}_hemi-{{hemi}}_desc-LBO_eigenvalues.tsv",
         out_eigenmodes=f"{GEOMETRY}/{SURFACE}_hemi-{{hemi}}_desc-LBO_eigenmodes.npy",
     params:
-        step="bh_models.geometry:compute_eigenmodes",
+        step="bh_models.geometry.eigenmodes:compute_eigenmodes",
         surface=config["geometry"]["surface"],
         hemi=lambda w: w.hemi,
         n_modes=config["geometry"]["n_modes"],
@@ -36,7 +36,7 @@ rule geometry_project:
                           caption=caption("geometry_matrix"), category="Geometry",
                           labels={"figure": "parcel x mode matrix", "networks": "{networks}"}),
     params:
-        step="bh_models.geometry:project_eigenmodes",
+        step="bh_models.geometry.eigenmodes:project_eigenmodes",
         networks=lambda w: int(w.networks),
     log:
         log_path("geometry_project", "seg-{networks}n"),
@@ -60,7 +60,7 @@ rule geometry_plot:
         out_figure=report(f"{GEOMETRY}/{SURFACE}_desc-LBO_eigenmodes.png", caption=caption("geometry_modes"),
                           category="Geometry", labels={"figure": "eigenmodes on the surface"}),
     params:
-        step="bh_models.geometry:plot_eigenmodes",
+        step="bh_models.geometry.eigenmodes:plot_eigenmodes",
     log:
         log_path("geometry_plot", "surface"),
     threads: 1

@@ -66,7 +66,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """The demo cohort, written once per session (outside any run folder)."""
-    from bh_models.demo import write_demo_cohort
+    from bh_models.demo.cohort import write_demo_cohort
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_cohort(root, seed=0)

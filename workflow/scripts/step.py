@@ -1,4 +1,4 @@
 # Every rule runs its bh_models step function through this one script.
-from bh_models.step import run_snakemake_job
+from bh_models.core.step import run_snakemake_job
 
 run_snakemake_job(snakemake)  # noqa: F821 - injected by Snakemake

@@ -1,0 +1,116 @@
+"""The cohort plan: which subjects and runs each stage processes.
+
+Built once per Snakemake parse from config.yaml and the fast BIDS index, so the
+rules only look names up. Problems found here (bad labels, runs without a TR,
+BOLD without a T1w, subjects excluded by config or by an earlier failed job) are
+kept in one table with the reason, which becomes the exclusion table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bh_models.bids.index import BidsIndex, Filters, bold_stem, index_dataset
+
+
+@dataclass
+class DatasetPlan:
+    """What the workflow does with one dataset."""
+
+    name: str
+    bids_root: Path
+    index: BidsIndex
+    t1w: dict[str, str]            # subject -> T1w path (first T1w after sorting)
+    bold: dict[str, dict]          # bold stem -> {"subject", "path", "tr", "tr_source"}
+    problems: pd.DataFrame
+
+    @property
+    def anat_subjects(self) -> list[str]:
+        return sorted(self.t1w)
+
+    @property
+    def bold_stems(self) -> list[str]:
+        return sorted(self.bold)
+
+
+def plan_dataset(name: str, entry: dict, *, base_dir: Path = Path("."), failed: set[str] = frozenset()) -> DatasetPlan:
+    """Index a dataset and decide what runs.
+
+    Parameters
+    ----------
+    name, entry
+        The dataset's key and its (default-filled) config entry.
+    base_dir
+        Folder relative ``bids_root`` paths start from.
+    failed
+        Subjects with an exclusion record from an earlier failed job; they are
+        left out so the cohort-level steps can complete without them.
+    """
+    root = (base_dir / entry["bids_root"]).resolve()
+    exclude = set(entry.get("exclude_subjects", [])) | set(failed)
+    index = index_dataset(
+        root, dataset=name, filters=Filters.from_config(entry.get("filters")),
+        tr_override=entry.get("tr_override"), exclude_subjects=exclude,
+    )
+    runs = index.runs
+    t1w = {}
+    for subject, group in runs[runs["suffix"] == "T1w"].groupby("subject", sort=True):
+        t1w[subject] = group["path"].iloc[0]
+    bold, extra = {}, []
+    for row in runs[runs["suffix"] == "bold"].itertuples():
+        if row.subject not in t1w:
+            extra.append(dict(dataset=name, subject=row.subject, path=row.path,
+                              reason="BOLD run but the subject has no T1w, which coregistration needs; "
+                                     "add the subject's T1w (the run is skipped until then)"))
+            continue
+        bold[bold_stem(row.path)] = dict(subject=row.subject, path=row.path, tr=row.repetition_time,
+                                         tr_source=row.tr_source)
+    problems = pd.concat([index.problems, pd.DataFrame(extra, columns=index.problems.columns)], ignore_index=True)
+    return DatasetPlan(name=name, bids_root=root, index=index, t1w=t1w, bold=bold, problems=problems)
+
+
+def plan_cohort(config: dict, *, base_dir: Path = Path("."), failed: dict[str, set[str]] | None = None) -> dict[str, DatasetPlan]:
+    """One :class:`DatasetPlan` per configured dataset, in config order."""
+    failed = failed or {}
+    return {
+        name: plan_dataset(name, entry, base_dir=base_dir, failed=failed.get(name, set()))
+        for name, entry in config["datasets"].items()
+    }
+
+
+def write_index(
+    *,
+    dataset_description: Path,
+    out_runs: Path,
+    out_subjects: Path,
+    out_problems: Path,
+    dataset: str,
+    bids_root: str,
+    filters: dict | None = None,
+    tr_override: float | None = None,
+    exclude_subjects: list[str] | None = None,
+    threads: int = 1,
+) -> dict:
+    """Step function: write a dataset's run, subject and problem tables.
+
+    Paths in the tables are relative to the BIDS root, so the tables do not
+    depend on where the dataset is mounted.
+    """
+    root = Path(dataset_description).parent.resolve()
+    plan = plan_dataset(dataset, {"bids_root": str(root), "filters": filters or {}, "tr_override": tr_override,
+                                  "exclude_subjects": exclude_subjects or []})
+
+    def rel(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.copy()
+        frame["path"] = [str(Path(p).resolve().relative_to(root)) if p else p for p in frame["path"]]
+        return frame
+
+    for path in (out_runs, out_subjects, out_problems):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    rel(plan.index.runs).to_csv(out_runs, sep="\t", index=False, na_rep="n/a")
+    plan.index.subjects.to_csv(out_subjects, sep="\t", index=False, na_rep="n/a")
+    rel(plan.problems).to_csv(out_problems, sep="\t", index=False, na_rep="n/a")
+    return {"subjects": len(plan.index.subjects), "bold_runs": len(plan.bold), "problems": len(plan.problems)}

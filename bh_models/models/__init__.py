@@ -1,0 +1,11 @@
+"""Models and pretraining (rules/models.smk): harmonix-F, harmonix-S and the Harmonizer (``nn/``),
+training, the model bundle, embeddings and latent tokens of downstream datasets.
+
+``nn`` holds one architecture per file; ``train`` the loop, checkpoints and
+DDP; ``lr_schedule`` the schedule; ``pretrain`` the three pretraining steps and
+the embedding step; ``bundle`` the model bundle; ``latents`` the packed
+frozen-encoder tokens and the fine-tuning classifier.
+
+May import: bh_models.core, and the store's readers (bh_models.store.shards) for
+the data it trains on.
+"""

@@ -1,0 +1,8 @@
+"""Training data (rules/store.smk): TR-downsampling augmentation and the TAPE patch plan, subject-level
+splits, the packed shard store of the pretraining datasets, robust-scaling statistics.
+
+``augment`` plans samples, ``splits`` assigns subjects, ``shards`` packs and
+reads the store, ``scaling`` fits the statistics on the training split.
+
+May import: bh_models.core only. It reads the functional and anatomical outputs as files.
+"""

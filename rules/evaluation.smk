@@ -1,0 +1,115 @@
+# Downstream evaluation per downstream dataset (and pooled over them): linear
+# probes on the frozen embeddings (fused hub tokens, harmonix-F, harmonix-S),
+# the FC baseline and chance, on shared folds, with permutation tests.
+# With evaluate.finetune.enabled, the frozen encoders' tokens of every sample of
+# a dataset are packed once (extract_latents) and the Harmonizer is fine-tuned as well.
+
+
+rule extract_latents:
+    input:
+        **bundle_inputs(),
+        samples=rules.augment_samples.output.out_samples,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+    output:
+        out_latents=f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens.pt",
+    params:
+        step="bh_models.models.latents:extract_latents",
+        dataset=lambda w: w.dataset,
+        settings=BUNDLE_SETTINGS,
+    log:
+        log_path("extract_latents", "{dataset}"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+FINETUNE = config["evaluate"]["finetune"]["enabled"]
+HARMONIZER_CHECKPOINT = f"{BUNDLE}/{CHECKPOINTS['harmonizer']}"
+
+
+rule evaluate_dataset:
+    input:
+        fused=rules.extract_embeddings.output.out_embeddings,
+        fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
+        t1_only=rules.extract_embeddings.output.out_t1_embeddings,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        participants=lambda w: bids_file(w, "participants.tsv"),
+        **(dict(latents=rules.extract_latents.output.out_latents, harmonizer_checkpoint=HARMONIZER_CHECKPOINT)
+           if FINETUNE else {}),
+    output:
+        out_results=report(f"{EVAL}/{{dataset}}_desc-probe_results.tsv", caption=caption("eval_results"),
+                           category="Evaluation", labels={"dataset": "{dataset}", "item": "results table"}),
+        out_predictions=f"{EVAL}/{{dataset}}_desc-probe_predictions.tsv",
+        out_figure_metrics=report(f"{EVAL}/{{dataset}}_desc-probe_metrics.png", caption=caption("eval_metrics"),
+                                  category="Evaluation", labels={"dataset": "{dataset}", "item": "metrics"}),
+        out_figure_roc=report(f"{EVAL}/{{dataset}}_desc-probe_roc.png", caption=caption("eval_roc"),
+                              category="Evaluation", labels={"dataset": "{dataset}", "item": "ROC curves"}),
+        out_figure_scatter=report(f"{EVAL}/{{dataset}}_desc-probe_scatter.png", caption=caption("eval_scatter"),
+                                  category="Evaluation", labels={"dataset": "{dataset}", "item": "regression"}),
+    params:
+        step="bh_models.evaluation.evaluate:evaluate_dataset",
+        dataset=lambda w: w.dataset,
+        tasks=lambda w: dataset_entry(w)["targets"],
+        n_folds=config["evaluate"]["n_folds"],
+        n_repeats=config["evaluate"]["n_repeats"],
+        n_permutations=config["evaluate"]["n_permutations"],
+        finetune=config["evaluate"]["finetune"],
+        seed=SEED,
+    log:
+        log_path("evaluate_dataset", "{dataset}"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule evaluate_pooled:
+    input:
+        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=DOWNSTREAM),
+        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=DOWNSTREAM),
+        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
+        timeseries=lambda w: [p for d in DOWNSTREAM for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
+        **(dict(latents=expand(rules.extract_latents.output.out_latents, dataset=DOWNSTREAM),
+                harmonizer_checkpoint=HARMONIZER_CHECKPOINT) if FINETUNE else {}),
+    output:
+        out_results=report(f"{EVAL}/pooled_desc-probe_results.tsv", caption=caption("eval_pooled_results"),
+                           category="Evaluation", labels={"dataset": "pooled", "item": "results table"}),
+        out_predictions=f"{EVAL}/pooled_desc-probe_predictions.tsv",
+        out_figure_metrics=report(f"{EVAL}/pooled_desc-probe_metrics.png", caption=caption("eval_metrics"),
+                                  category="Evaluation", labels={"dataset": "pooled", "item": "metrics"}),
+        out_figure_roc=report(f"{EVAL}/pooled_desc-probe_roc.png", caption=caption("eval_roc"),
+                              category="Evaluation", labels={"dataset": "pooled", "item": "ROC curves"}),
+        out_figure_scatter=report(f"{EVAL}/pooled_desc-probe_scatter.png", caption=caption("eval_scatter"),
+                                  category="Evaluation", labels={"dataset": "pooled", "item": "regression"}),
+    params:
+        step="bh_models.evaluation.evaluate:evaluate_pooled",
+        datasets=DOWNSTREAM,
+        timeseries_datasets=lambda w: [d for d in DOWNSTREAM
+                                       for _ in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        tasks={d: config["datasets"][d]["targets"] for d in DOWNSTREAM},
+        n_folds=config["evaluate"]["n_folds"],
+        n_repeats=config["evaluate"]["n_repeats"],
+        n_permutations=config["evaluate"]["n_permutations"],
+        finetune=config["evaluate"]["finetune"],
+        seed=SEED,
+    log:
+        log_path("evaluate_pooled", "all"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        ENV
+    script:
+        STEP

@@ -1,0 +1,122 @@
+# TR-downsampling augmentation and the TAPE patch plan (every dataset); for the
+# pretraining datasets only: subject-level splits, the packed store (one folder
+# per dataset, so adding one leaves the others' shards alone) and the
+# robust-scaling statistics of the training split. Downstream datasets are never
+# packed: their embedding job reads their derivatives.
+
+
+rule augment_samples:
+    input:
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+    output:
+        out_samples=f"{STORE}/samples/{{dataset}}_samples.tsv",
+    params:
+        step="bh_models.store.augment:make_samples",
+        dataset=lambda w: w.dataset,
+        tr_factors=lambda w: dataset_entry(w)["tr_factors"],
+        tau=config["augment"]["tau"],
+        max_patches=config["augment"]["max_patches"],
+        seed=SEED,
+    log:
+        log_path("augment_samples", "{dataset}"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule make_splits:
+    input:
+        unpack(participants_tsv),
+        samples=rules.augment_samples.output.out_samples,
+        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+    output:
+        out_splits=f"{STORE}/splits/{{dataset}}_splits.tsv",
+    params:
+        step="bh_models.store.splits:make_splits",
+        dataset=lambda w: w.dataset,
+        fractions=config["splits"]["fractions"],
+        stratify=lambda w: dataset_entry(w)["stratify"],
+        n_bins=config["splits"]["n_bins"],
+        seed=SEED,
+    log:
+        log_path("make_splits", "{dataset}"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule pack_fmri:
+    input:
+        samples=rules.augment_samples.output.out_samples,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        splits=rules.make_splits.output.out_splits,
+    output:
+        out_dir=directory(f"{STORE}/fmri/{{dataset}}"),
+    params:
+        step="bh_models.store.shards:pack_fmri",
+        shard_size_mb=config["store"]["shard_size_mb"],
+    log:
+        log_path("pack_fmri", "{dataset}"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule pack_t1:
+    input:
+        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        splits=rules.make_splits.output.out_splits,
+    output:
+        out_dir=directory(f"{STORE}/t1/{{dataset}}"),
+    params:
+        step="bh_models.store.shards:pack_t1",
+        dataset=lambda w: w.dataset,
+        shard_size_mb=config["store"]["shard_size_mb"],
+    log:
+        log_path("pack_t1", "{dataset}"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule store_scaling:
+    input:
+        dep_fmri=expand(rules.pack_fmri.output.out_dir, dataset=PRETRAIN),
+    output:
+        out_scaling=f"{STORE}/scaling.json",
+        out_scaling_table=f"{STORE}/scaling.tsv",
+    params:
+        step="bh_models.store.scaling:compute_scaling",
+        fmri_indexes=expand(f"{STORE}/fmri/{{dataset}}/index.tsv", dataset=PRETRAIN),
+        iqr_floor=config["store"]["iqr_floor"],
+        relative_iqr_floor=config["store"]["relative_iqr_floor"],
+    log:
+        log_path("store_scaling", "all"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        STEP
