@@ -184,7 +184,7 @@ def _measure(queue: mp.Queue, job: str, workdir: str) -> None:
     elif job == "ants_loop":
         import ants
 
-        from bh_models.anat.registration import ants_to_nifti, nifti_to_ants
+        from bh_models.core.antsio import ants_to_nifti, nifti_to_ants
         from bh_models.core.templates import load_template
 
         template, _, _ = load_template(RESOLUTION)

@@ -35,10 +35,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bh_models.core.storeformat import load_scaling
+from bh_models.models.data import FmriShardDataset, collate_fmri
 from bh_models.store.augment import make_samples
-from bh_models.store.scaling import compute_scaling, load_scaling
+from bh_models.store.scaling import compute_scaling
+from bh_models.store.shards import pack_fmri
 from bh_models.store.splits import make_splits
-from bh_models.store.shards import FmriShardDataset, collate_fmri, pack_fmri
 
 TS_SUFFIX = "space-MNI152NLin2009cAsym_atlas-Schaefer2018_seg-7n_scale-400_timeseries.tsv"
 N_ROIS, N_FRAMES, TR, FACTORS, MAX_PATCHES = 400, 490, 0.735, [1, 2, 3, 4], 18

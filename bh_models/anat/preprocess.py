@@ -167,7 +167,7 @@ def downsample(img: nib.Nifti1Image, spacing: float) -> nib.Nifti1Image:
     """
     import ants
 
-    from bh_models.anat.registration import ants_to_nifti, nifti_to_ants
+    from bh_models.core.antsio import ants_to_nifti, nifti_to_ants
 
     zooms = nib.affines.voxel_sizes(img.affine)
     if np.all(zooms >= spacing * 0.95):

@@ -1,9 +1,9 @@
 """Bias-field correction (N4) and registration to the MNI template with antspyx.
 
 Images travel between nibabel (RAS+ world coordinates, the project's I/O) and
-ANTs (LPS+ physical coordinates) in memory through :func:`nifti_to_ants` and
-:func:`ants_to_nifti`, so oblique and LPI-stored inputs keep their exact
-world geometry without temporary files.
+ANTs (LPS+ physical coordinates) in memory through
+:func:`bh_models.core.antsio.nifti_to_ants` and ``ants_to_nifti``, so oblique
+and LPI-stored inputs keep their exact world geometry without temporary files.
 
 Registration writes ANTs composite transforms (one HDF5 file per direction):
 the forward file resamples a T1w-space image into template space, the inverse
@@ -21,6 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bh_models.core.antsio import ants_to_nifti, nifti_to_ants
+
 __desc__ = (
     "The T1w image was corrected for intensity non-uniformity with N4 "
     "(Tustison et al. 2010) inside the brain mask and spatially normalised to "
@@ -34,10 +36,6 @@ __desc__ = (
 # deformable stage; single-stage linear presets are allowed for quick checks.
 SUPPORTED_TRANSFORMS = ("SyN", "SyNRA", "SyNCC", "SyNAggro", "ElasticSyN", "Affine", "Rigid")
 
-# RAS+ (nibabel) <-> LPS+ (ITK/ANTs): flip the sign of x and y.
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
 def limit_itk_threads(threads: int) -> None:
     """Cap ITK (ANTs) threads for this process.
 
@@ -49,29 +47,6 @@ def limit_itk_threads(threads: int) -> None:
     antspyx 0.6.1), so steps that promise identical bytes use ``threads=1``.
     """
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(threads)))
-
-
-def nifti_to_ants(img: nib.Nifti1Image):
-    """Convert a 3D nibabel image to an ANTs image with the same world geometry."""
-    import ants
-
-    affine = img.affine
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    direction = _RAS_TO_LPS @ affine[:3, :3] / spacing  # unit columns, LPS+
-    origin = _RAS_TO_LPS @ affine[:3, 3]
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return ants.from_numpy(
-        data, origin=origin.tolist(), spacing=spacing.tolist(), direction=direction
-    )
-
-
-def ants_to_nifti(image, *, dtype: type = np.float32) -> nib.Nifti1Image:
-    """Convert an ANTs image back to nibabel (RAS+ affine, voxel order unchanged)."""
-    spacing = np.asarray(image.spacing, dtype=float)
-    affine = np.eye(4)
-    affine[:3, :3] = _RAS_TO_LPS @ (np.asarray(image.direction, dtype=float) * spacing)
-    affine[:3, 3] = _RAS_TO_LPS @ np.asarray(image.origin, dtype=float)
-    return nib.Nifti1Image(image.numpy().astype(dtype), affine)
 
 
 def n4_bias_correct(

@@ -69,9 +69,9 @@ ANTS_REFINE_VOXELS = 3
 
 def describe_methods(*, config: Mapping[str, Any]) -> str:
     """Methods sentence for the configured method (used by :mod:`bh_models.records.boilerplate`)."""
-    from bh_models.records import boilerplate
+    from bh_models.core.methods import placeholder_value
 
-    method = boilerplate.placeholder_value(name="skullstrip", config=config, module=sys.modules[__name__])
+    method = placeholder_value(name="skullstrip", config=config, module=sys.modules[__name__])
     words = _METHOD_WORDS.get(str(method), str(method))
     volume = ("the total intracranial volume was taken as the volume of the brain mask"
               if method == "deepbet" else "the volume of the brain mask was recorded")
@@ -141,7 +141,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def _ants_mask(image: nib.Nifti1Image, seed: int = 0) -> np.ndarray:
     import ants
 
-    from bh_models.anat.registration import nifti_to_ants
+    from bh_models.core.antsio import nifti_to_ants
     from bh_models.core.templates import load_template
 
     data = np.asarray(image.dataobj, dtype=np.float32)

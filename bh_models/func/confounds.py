@@ -49,12 +49,12 @@ def describe_methods(*, config: Mapping[str, Any]) -> str:
 
     Used by :mod:`bh_models.records.boilerplate` in place of ``__desc__``.
     """
-    from bh_models.records import boilerplate
+    from bh_models.core.methods import placeholder_value
 
     module = sys.modules[__name__]
 
     def setting(name: str) -> Any:
-        return boilerplate.placeholder_value(name=name, config=config, module=module)
+        return placeholder_value(name=name, config=config, module=module)
 
     high_pass, low_pass = setting("high_pass"), setting("low_pass")
     n_motion, fd_threshold = setting("motion_regressors"), setting("fd_threshold")

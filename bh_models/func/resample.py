@@ -223,7 +223,7 @@ def coregister_to_t1w(
     """
     import ants
 
-    from bh_models.anat.registration import nifti_to_ants
+    from bh_models.core.antsio import nifti_to_ants
 
     fixed = nifti_to_ants(bold_reference)
     moving = nifti_to_ants(block_downsample(t1w))

@@ -1,11 +1,12 @@
 """Models and pretraining (rules/models.smk): harmonix-F, harmonix-S and the Harmonizer (``nn/``),
 training, the model bundle, embeddings and latent tokens of downstream datasets.
 
-``nn`` holds one architecture per file; ``train`` the loop, checkpoints and
-DDP; ``lr_schedule`` the schedule; ``pretrain`` the three pretraining steps and
-the embedding step; ``bundle`` the model bundle; ``latents`` the packed
-frozen-encoder tokens and the fine-tuning classifier.
+``nn`` holds one architecture per file; ``data`` the torch datasets over the
+packed store and over a downstream dataset's derivatives; ``train`` the loop,
+checkpoints and DDP; ``lr_schedule`` the schedule; ``pretrain`` the three
+pretraining steps and the embedding step; ``bundle`` the model bundle;
+``latents`` the packed frozen-encoder tokens and the fine-tuning classifier.
 
-May import: bh_models.core, and the store's readers (bh_models.store.shards) for
-the data it trains on.
+May import: bh_models.core only. It reads the store through the file formats of
+bh_models.core.storeformat.
 """

@@ -6,7 +6,7 @@ function and only rank 0 writes files. A re-run after a crash or ``scancel``
 resumes from ``<checkpoint stem>.resume.pt`` when the configuration matches.
 
 Training data come from the packed store of the pretraining datasets only,
-through ``bh_models.store.shards``: ``FmriShardDataset``, ``T1ShardDataset``,
+through :mod:`bh_models.models.data`: ``FmriShardDataset``, ``T1ShardDataset``,
 ``collate_fmri`` and ``paired_samples``. Embeddings of a (downstream) dataset are
 computed from its derivatives by the frozen models of a model bundle
 (:mod:`bh_models.models.bundle`), with the bundle's pretraining scaling statistics.
@@ -54,9 +54,9 @@ __desc__ = (
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {"harmonix_f": HarmonixF, "harmonix_s": HarmonixS, "harmonizer": Harmonizer}
 
 
-def _store() -> ModuleType:
-    # Imported at call time: the store is its own module, and tests swap it for a fake.
-    return importlib.import_module("bh_models.store.shards")
+def _data() -> ModuleType:
+    # Imported at call time: the readers are their own module, and tests swap it for a fake.
+    return importlib.import_module("bh_models.models.data")
 
 
 def _model_forward(model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -187,7 +187,7 @@ def pretrain_fmri(
     Parameters
     ----------
     store : Path
-        Packed store folder (``bh_models.store.shards.FmriShardDataset(store, "train")``).
+        Packed store folder (``bh_models.models.data.FmriShardDataset(store, "train")``).
     geometry : Path
         ROI x mode geometric embedding TSV (``name``, ``mode_001`` ..), rows in atlas order.
     out_checkpoint : Path
@@ -212,7 +212,7 @@ def pretrain_fmri(
     """
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
-    store_module = _store()
+    store_module = _data()
     dataset = store_module.FmriShardDataset(Path(store), "train")
     if len(dataset) == 0:
         raise BHInputError(store, "no training fMRI samples in the store", "check the splits and the packed store")
@@ -269,7 +269,7 @@ def pretrain_t1(
     Parameters
     ----------
     store : Path
-        Packed store folder (``bh_models.store.shards.T1ShardDataset(store, "train")``).
+        Packed store folder (``bh_models.models.data.T1ShardDataset(store, "train")``).
     out_checkpoint, out_metrics, out_curve : Path
         As for :func:`pretrain_fmri`.
     model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers, threads
@@ -285,7 +285,7 @@ def pretrain_t1(
     """
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
-    dataset = _store().T1ShardDataset(Path(store), "train")
+    dataset = _data().T1ShardDataset(Path(store), "train")
     if len(dataset) == 0:
         raise BHInputError(store, "no training T1 volumes in the store", "check the splits and the packed store")
     overrides = dict(model_overrides or {})
@@ -455,7 +455,7 @@ def encode_latents(
 
 
 def _paired_dataset(*, store: Path, split: str, include_unpaired: bool) -> tuple[PairedSamples, Callable]:
-    store_module = _store()
+    store_module = _data()
     table = store_module.paired_samples(Path(store), split)
     dataset = PairedSamples(
         table=table, fmri=store_module.FmriShardDataset(Path(store), split),
@@ -651,7 +651,7 @@ def derivative_batches(*, samples: Path, timeseries: Sequence[Path], t1_tensors:
     T1-only subjects; fMRI scaled with ``scaling`` (the bundle's pretraining
     statistics, never this dataset's own).
     """
-    store_module = _store()
+    store_module = _data()
     fmri = store_module.FmriTableDataset(samples=Path(samples), timeseries=[Path(p) for p in timeseries],
                                          scaling=Path(scaling))
     t1 = store_module.T1TensorDataset(t1_tensors=[Path(p) for p in t1_tensors], dataset=dataset)
@@ -681,7 +681,7 @@ def extract_embeddings(
     The dataset is encoded straight from its derivatives by the frozen models
     of a model bundle, with the bundle's (pretraining) scaling statistics, so a
     new dataset costs one job and never touches the others' embeddings. Every
-    row of :func:`bh_models.store.shards.pair_samples` (one per fMRI sample, plus
+    row of :func:`bh_models.models.data.pair_samples` (one per fMRI sample, plus
     T1-only subjects) is encoded; a subject's embedding is the mean over its
     rows, i.e. over its runs and TR variants.
 

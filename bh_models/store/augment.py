@@ -30,6 +30,7 @@ import pandas as pd
 
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import read_json, sidecar_path, write_json
+from bh_models.core.storeformat import SAMPLE_COLUMNS, parse_entities, write_samples_table
 
 __desc__ = (
     "Each parcel time series was augmented by temporal downsampling: for every "
@@ -44,39 +45,6 @@ __desc__ = (
 #: The paper's patch duration: 48 frames of UK Biobank's TR of 0.735 s.
 DEFAULT_TAU = 35.28
 DEFAULT_MAX_PATCHES = 18
-
-#: Columns of the samples table, in order.
-SAMPLE_COLUMNS = (
-    "sample_id", "dataset", "subject", "session", "task", "run", "source_file",
-    "source_tr", "source_frames", "factor", "offset", "tr", "k", "n_frames",
-    "n_patches", "max_patches", "padded_length", "cut",
-)
-
-_ENTITY = re.compile(r"(?:^|_)(sub|ses|task|run|acq)-([A-Za-z0-9]+)")
-
-
-def parse_entities(name: str) -> dict[str, str]:
-    """BIDS entities of a file name.
-
-    Parameters
-    ----------
-    name : str
-        A BIDS file name such as ``sub-01_ses-1_task-rest_run-2_..._timeseries.tsv``.
-
-    Returns
-    -------
-    dict
-        ``subject``, ``session``, ``task``, ``run`` and ``acq`` (empty string when absent).
-    """
-    found = dict(_ENTITY.findall(Path(name).name))
-    return {
-        "subject": found.get("sub", ""),
-        "session": found.get("ses", ""),
-        "task": found.get("task", ""),
-        "run": found.get("run", ""),
-        "acq": found.get("acq", ""),
-    }
-
 
 def derived_rng(seed: int, *keys: object) -> np.random.Generator:
     """A random generator fixed by ``seed`` and a tuple of labels.
@@ -235,35 +203,6 @@ def _check_factors(tr_factors: Sequence[int]) -> list[int]:
         raise BHConfigError("datasets.<name>.tr_factors", f"{factors!r} is not a list of distinct integers >= 1",
                             "list the downsampling factors, e.g. [1, 2, 3, 4]")
     return sorted(int(f) for f in factors)
-
-
-def write_samples_table(samples: pd.DataFrame, path: Path) -> None:
-    """Write a samples/index table with fixed formatting (byte-stable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    samples.to_csv(tmp, sep="\t", index=False, float_format="%.10g", lineterminator="\n")
-    tmp.replace(path)
-
-
-def read_samples_table(path: Path) -> pd.DataFrame:
-    """Read a table written by :func:`write_samples_table` with the right types.
-
-    Identifiers stay strings (``sub-01`` keeps its leading zero); empty cells are
-    empty strings, never NaN.
-    """
-    if not Path(path).is_file():
-        raise BHInputError(path, "samples table is missing", "rerun the augment step of this dataset")
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    for col in ("source_tr", "tr"):
-        if col in table:
-            table[col] = table[col].astype(float)
-    for col in ("source_frames", "factor", "offset", "k", "n_frames", "n_patches", "max_patches",
-                "padded_length", "row", "row_start"):
-        if col in table:
-            table[col] = table[col].astype(np.int64)
-    if "cut" in table:
-        table["cut"] = table["cut"].map({"True": True, "False": False}).astype(bool)
-    return table
 
 
 def make_samples(

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bh_models.store.augment import derived_rng, parse_entities, read_samples_table
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import sidecar_path, write_json
+from bh_models.core.storeformat import parse_entities, read_samples_table
+from bh_models.store.augment import derived_rng
 
 __desc__ = (
     "Subjects were assigned to {splits} splits ({fractions}) at the subject level, "

@@ -75,7 +75,7 @@ def test_same_convention_as_ants_rigid(moved_run):
     """ANTs' forward transform (fixed=reference) maps reference points into the moving volume, as ours does."""
     import ants
 
-    from bh_models.anat.registration import nifti_to_ants
+    from bh_models.core.antsio import nifti_to_ants
 
     data, affine, _, _ = moved_run
     estimate = estimate_motion(bold=data, affine=affine, reference_index=0)

@@ -106,7 +106,7 @@ def test_ants_apply_transforms_applies_the_first_listed_transform_first(tmp_path
     """The convention map_points relies on, checked on images: output(x) = moving(second(first(x)))."""
     import ants
 
-    from bh_models.anat.registration import ants_to_nifti, nifti_to_ants
+    from bh_models.core.antsio import ants_to_nifti, nifti_to_ants
 
     first = write_ants_affine(rigid([5, -3, 10], [4, -2, 7]), tmp_path / "first.mat")
     second = write_ants_affine(rigid([-8, 2, 0], [-1, 3, 0.5]), tmp_path / "second.mat")
@@ -130,7 +130,7 @@ def test_one_shot_equals_per_volume_ants_apply_transforms(tmp_path):
     """Motion + coregistration + affine + non-linear warp, composed once, as ANTs applies them one volume at a time."""
     import ants
 
-    from bh_models.anat.registration import ants_to_nifti, nifti_to_ants
+    from bh_models.core.antsio import ants_to_nifti, nifti_to_ants
 
     # Oblique native BOLD grid, 4 mm; axis-aligned target grid, 5 mm.
     bold_affine = rigid([8, -5, 12], [-40, -50, -30]) @ np.diag([4.0, 4.0, 4.0, 1.0])

@@ -27,7 +27,7 @@ def make_model(seed: int = 0) -> HarmonixF:
 
 
 def make_batch(patches: list[int], n_real: list[int], seed: int = 0, pad_value: float = 0.0) -> dict:
-    """Collated batch like ``bh_models.store.shards.collate_fmri``: x padded to the batch's longest."""
+    """Collated batch like ``bh_models.models.data.collate_fmri``: x padded to the batch's longest."""
     generator = torch.Generator().manual_seed(seed)
     length = MAX_PATCHES * max(patches)
     x = torch.full((len(patches), N_ROIS, length), pad_value)

@@ -119,9 +119,9 @@ def fake_paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fake_store_module():
-    import bh_models.store.shards as real
+    import bh_models.models.data as real
 
-    module = types.ModuleType("bh_models.store.shards")
+    module = types.ModuleType("bh_models.models.data")
     # Training reads the stand-in store; embeddings read derivatives through the real readers.
     for name in ("FmriTableDataset", "T1TensorDataset", "pair_samples"):
         setattr(module, name, getattr(real, name))
@@ -130,7 +130,7 @@ def fake_store_module():
     module.collate_fmri = fake_collate_fmri
     module.paired_samples = fake_paired_samples
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "bh_models.store.shards", module)
+        patch.setitem(sys.modules, "bh_models.models.data", module)
         yield module
 
 

@@ -85,7 +85,7 @@ def fmri_items(n: int = 10) -> list[dict]:
 
 
 def collate_fmri(items: list[dict]) -> dict:
-    """Stand-in for ``bh_models.store.shards.collate_fmri``: pad x along time, stack tensors."""
+    """Stand-in for ``bh_models.models.data.collate_fmri``: pad x along time, stack tensors."""
     length = max(item["x"].shape[1] for item in items)
     return {
         "x": torch.stack([F.pad(item["x"], (0, length - item["x"].shape[1])) for item in items]),

@@ -9,15 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bh_models.store.augment import (
-    make_samples,
-    parse_entities,
-    patch_size,
-    plan_patches,
-    plan_samples,
-    read_samples_table,
-)
 from bh_models.core.errors import BHConfigError, BHInputError
+from bh_models.core.storeformat import parse_entities, read_samples_table
+from bh_models.store.augment import make_samples, patch_size, plan_patches, plan_samples
 
 TS_SUFFIX = "space-MNI152NLin2009cAsym_atlas-Schaefer2018_seg-7n_scale-400_timeseries.tsv"
 

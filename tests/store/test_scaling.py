@@ -9,16 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bh_models.store.augment import write_samples_table
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import write_json
-from bh_models.store.scaling import (
-    RobustScaling,
-    compute_scaling,
-    fit_robust_scaling,
-    load_scaling,
-    subject_temporal_means,
-)
+from bh_models.core.storeformat import RobustScaling, load_scaling, write_samples_table
+from bh_models.store.scaling import compute_scaling, fit_robust_scaling, subject_temporal_means
 
 ROIS = ["roi_a", "roi_b", "roi_c"]
 

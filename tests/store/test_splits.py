@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bh_models.store.augment import plan_samples, write_samples_table
+from bh_models.core.storeformat import write_samples_table
+from bh_models.store.augment import plan_samples
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.store.splits import deal_subjects, make_splits, read_splits, stratum_labels
 

@@ -12,20 +12,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from bh_models.store.augment import make_samples, read_samples_table
 from bh_models.core.errors import BHInputError
-from bh_models.store.scaling import compute_scaling, load_scaling
+from bh_models.core.storeformat import load_scaling, read_index, read_samples_table
+from bh_models.models.data import FmriShardDataset, T1ShardDataset, collate_fmri, paired_samples
+from bh_models.store.augment import make_samples
+from bh_models.store.scaling import compute_scaling
+from bh_models.store.shards import pack_fmri, pack_t1, plan_shards
 from bh_models.store.splits import make_splits
-from bh_models.store.shards import (
-    FmriShardDataset,
-    T1ShardDataset,
-    collate_fmri,
-    pack_fmri,
-    pack_t1,
-    paired_samples,
-    plan_shards,
-    read_index,
-)
 
 N_ROIS = 400
 T1_SHAPE = (4, 5, 6)
@@ -263,7 +256,7 @@ def test_bad_inputs_are_named(inputs: dict, tmp_path: Path) -> None:
 def test_derivative_readers_give_the_packed_items(inputs: dict, store: Path, tmp_path: Path) -> None:
     """A downstream dataset read straight from its derivatives (never packed) is encoded from the
     same items the packed store serves, scaled with the given statistics."""
-    from bh_models.store.shards import FmriTableDataset, T1TensorDataset, pair_samples
+    from bh_models.models.data import FmriTableDataset, T1TensorDataset, pair_samples
 
     timeseries, tensors = inputs["dsA"]
     samples = tmp_path / "dsA_samples.tsv"
@@ -297,7 +290,7 @@ def test_derivative_readers_give_the_packed_items(inputs: dict, store: Path, tmp
 
 
 def test_derivative_reader_refuses_another_roi_order(inputs: dict, store: Path, tmp_path: Path) -> None:
-    from bh_models.store.shards import FmriTableDataset
+    from bh_models.models.data import FmriTableDataset
 
     timeseries, _ = inputs["dsA"]
     samples = tmp_path / "s.tsv"

@@ -301,7 +301,7 @@ class HarmonixF(nn.Module):
         Parameters
         ----------
         batch : dict
-            ``x`` ``(B, R, T)``, ``patch_mask`` ``(B, P_max)``, ``k`` ``(B,)`` (see ``bh_models.store.shards``).
+            ``x`` ``(B, R, T)``, ``patch_mask`` ``(B, P_max)``, ``k`` ``(B,)`` (see ``bh_models.models.data``).
         generator : torch.Generator
             CPU generator for the block masks.
 

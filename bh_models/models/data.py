@@ -1,0 +1,309 @@
+"""Training and encoding data: the packed store of the pretraining datasets, and a downstream dataset
+read straight from its derivatives, as torch datasets with one item layout.
+
+The store stage writes the files (:mod:`bh_models.store`); these readers only
+read them, through the formats of :mod:`bh_models.core.storeformat`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from bh_models.core.errors import BHConfigError, BHInputError
+from bh_models.core.jsonio import read_json
+from bh_models.core.storeformat import (
+    FMRI_DIR,
+    SCALING_FILE,
+    STORE_META_FILE,
+    T1_DIR,
+    RobustScaling,
+    discover,
+    load_scaling,
+    read_index,
+    read_roi_names,
+    read_samples_table,
+    read_timeseries,
+    t1_samples_table,
+    t1_shape,
+)
+
+
+class _ShardCache:
+    """Memory maps opened lazily, per process: DataLoader workers open their own."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    def get(self, path: str) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        if path not in self._maps:
+            self._maps[path] = np.load(path, mmap_mode="r")
+        return self._maps[path]
+
+    def __getstate__(self) -> dict:
+        return {"_maps": {}, "_pid": None}
+
+
+class FmriShardDataset(Dataset):
+    """fMRI samples of one split from every dataset in the store.
+
+    Parameters
+    ----------
+    store_dir : Path
+        Store root.
+    split : str
+        ``"train"``, ``"val"``, ``"test"``.
+    scaling : Path, optional
+        Robust-scaling JSON; default ``store_dir/scaling.json``.
+    scale : bool
+        False returns the packed values unscaled (round-trip checks).
+
+    Items are dicts: ``x`` float32 (n_rois, max_patches * k), scaled, zero after
+    ``n_frames``; ``patch_mask`` bool (max_patches,), True = real patch; ``tr``,
+    ``k``, ``n_patches``, ``n_frames``, ``sample_id``, ``subject``, ``dataset``.
+    """
+
+    def __init__(self, store_dir: Path, split: str, *, scaling: Path | None = None, scale: bool = True) -> None:
+        self.store_dir = Path(store_dir)
+        self.split = split
+        index = read_index(store_dir=self.store_dir, modality=FMRI_DIR, split=split)
+        metas = [read_json(p.parent / STORE_META_FILE) for p in discover(self.store_dir, FMRI_DIR)]
+        if not metas:
+            raise BHInputError(self.store_dir / FMRI_DIR, "no packed fMRI dataset", "run pack_fmri first")
+        self.rois = metas[0]["rois"]
+        patches = {m["max_patches"] for m in metas if m["max_patches"] is not None}
+        if any(m["rois"] != self.rois for m in metas) or len(patches) > 1:
+            raise BHConfigError("augment.max_patches", "datasets in the store differ in ROIs or max_patches",
+                                "repack every dataset with the same atlas and max_patches")
+        self.max_patches = patches.pop() if patches else 0
+        self.scaling: RobustScaling | None = None
+        if scale:
+            self.scaling = load_scaling(Path(scaling) if scaling else self.store_dir / SCALING_FILE)
+            if list(self.scaling.rois) != self.rois:
+                raise BHInputError(scaling or self.store_dir / SCALING_FILE, "ROI names differ from the store's",
+                                   "rerun compute_scaling on this store")
+        self.index = index.reset_index(drop=True)
+        # Plain arrays: per-item pandas access would cost more than the read itself.
+        self._paths = self.index["shard_path"].to_numpy()
+        self._start = self.index["row_start"].to_numpy()
+        self._frames = self.index["n_frames"].to_numpy()
+        self._k = self.index["k"].to_numpy()
+        self._patches = self.index["n_patches"].to_numpy()
+        self._tr = self.index["tr"].to_numpy()
+        self._ids = self.index[["sample_id", "subject", "dataset"]].to_numpy()
+        self._cache = _ShardCache()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        start, n, k = int(self._start[i]), int(self._frames[i]), int(self._k[i])
+        frames = self._cache.get(self._paths[i])[start:start + n]  # (n_frames, n_rois)
+        x, mask = _padded_item(frames=frames, n_rois=len(self.rois), k=k, n_patches=int(self._patches[i]),
+                               max_patches=self.max_patches, scaling=self.scaling)
+        sid, subject, dataset = self._ids[i]
+        return {"x": torch.from_numpy(x), "patch_mask": torch.from_numpy(mask), "tr": float(self._tr[i]),
+                "k": k, "n_patches": int(self._patches[i]), "n_frames": n,
+                "sample_id": sid, "subject": subject, "dataset": dataset}
+
+
+class T1ShardDataset(Dataset):
+    """T1 tensors of one split from every dataset in the store.
+
+    Items are dicts: ``t1`` float32 (1, X, Y, Z); ``subject``, ``dataset``, ``sample_id``, ``session``.
+    """
+
+    def __init__(self, store_dir: Path, split: str) -> None:
+        self.store_dir = Path(store_dir)
+        self.split = split
+        self.index = read_index(store_dir=self.store_dir, modality=T1_DIR, split=split).reset_index(drop=True)
+        self._paths = self.index["shard_path"].to_numpy()
+        self._row = self.index["row"].to_numpy() if len(self.index) else np.zeros(0, dtype=np.int64)
+        self._ids = self.index[["sample_id", "subject", "dataset", "session"]].to_numpy()
+        self._cache = _ShardCache()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        volume = np.array(self._cache.get(self._paths[i])[int(self._row[i])])  # (X, Y, Z), copied out of the map
+        sid, subject, dataset, session = self._ids[i]
+        return {"t1": torch.from_numpy(volume)[None], "subject": subject, "dataset": dataset,
+                "sample_id": sid, "session": session}
+
+
+def _padded_item(*, frames: np.ndarray, n_rois: int, k: int, n_patches: int, max_patches: int,
+                 scaling: RobustScaling | None) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (n_rois, max_patches * k), zero after the real frames, and the patch mask (max_patches,)."""
+    x = np.zeros((n_rois, max_patches * k), dtype=np.float32)  # (n_rois, padded)
+    real = x[:, : len(frames)].T  # (n_frames, n_rois) view: scaled in place, no temporaries
+    if scaling is None:
+        real[...] = frames
+    else:
+        scaling.apply_frames(frames, out=real)
+    mask = np.zeros(max_patches, dtype=bool)
+    mask[:n_patches] = True
+    return x, mask
+
+
+class FmriTableDataset(Dataset):
+    """One dataset's fMRI samples read straight from its parcel time-series TSVs, never packed.
+
+    Downstream datasets are encoded this way: they never enter the training
+    store. The samples table (:func:`bh_models.store.augment.make_samples`) says which
+    frames make each sample; the *pretraining* robust-scaling statistics scale
+    them; items are padded exactly as :class:`FmriShardDataset` pads packed
+    samples (tested equal), so a subject is encoded the same whichever way its
+    data arrive.
+
+    Parameters
+    ----------
+    samples : Path
+        The dataset's samples table.
+    timeseries : sequence of Path
+        The parcel time-series TSVs it was made from (matched by file name).
+    scaling : Path, optional
+        Robust-scaling JSON (a bundle's ``scaling.json``); None = unscaled.
+    """
+
+    def __init__(self, *, samples: Path, timeseries: Sequence[Path], scaling: Path | None) -> None:
+        self.index = read_samples_table(Path(samples)).reset_index(drop=True)
+        self._sources = {Path(p).name: Path(p) for p in timeseries}
+        missing = sorted(set(self.index["source_file"]) - set(self._sources))
+        if missing:
+            raise BHInputError(samples, f"source {missing[0]} is not among the time series passed",
+                               "pass every time series the samples table was made from")
+        patches = set(self.index["max_patches"])
+        if len(patches) > 1:
+            raise BHInputError(samples, f"samples padded to different patch counts {sorted(patches)}",
+                               "rerun the augment step of this dataset")
+        self.max_patches = int(patches.pop()) if patches else 0
+        first = self._sources[self.index["source_file"].iloc[0]] if len(self.index) else None
+        self.rois = read_roi_names(first) if first is not None else []
+        self.scaling = load_scaling(Path(scaling)) if scaling is not None else None
+        if self.scaling is not None and self.rois and list(self.scaling.rois) != self.rois:
+            raise BHInputError(first, f"ROI columns ({self.rois[0]} ...) differ from the scaling statistics' "
+                               f"({self.scaling.rois[0]} ...)",
+                               "extract the time series with the atlas and network order the models were trained on")
+        self._cached: tuple[str, np.ndarray] | None = None
+
+    def _values(self, source_file: str) -> np.ndarray:
+        # Samples of one run are adjacent in the table: keep the last run read.
+        if self._cached is None or self._cached[0] != source_file:
+            names, values = read_timeseries(self._sources[source_file])
+            if names != self.rois:
+                raise BHInputError(self._sources[source_file], "ROI columns differ from the dataset's other runs",
+                                   "extract every run with the same atlas")
+            self._cached = (source_file, values)
+        return self._cached[1]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.index.iloc[i]
+        values = self._values(row["source_file"])
+        if len(values) != row["source_frames"]:
+            raise BHInputError(self._sources[row["source_file"]], f"{len(values)} rows but the samples table says "
+                               f"{row['source_frames']}", "rerun the functional stage and the augment step")
+        frames = values[row["offset"]::row["factor"]][: row["n_frames"]]  # (n_frames, n_rois)
+        x, mask = _padded_item(frames=frames, n_rois=len(self.rois), k=int(row["k"]),
+                               n_patches=int(row["n_patches"]), max_patches=self.max_patches, scaling=self.scaling)
+        return {"x": torch.from_numpy(x), "patch_mask": torch.from_numpy(mask), "tr": float(row["tr"]),
+                "k": int(row["k"]), "n_patches": int(row["n_patches"]), "n_frames": int(row["n_frames"]),
+                "sample_id": row["sample_id"], "subject": row["subject"], "dataset": row["dataset"]}
+
+
+class T1TensorDataset(Dataset):
+    """One dataset's T1 encoder tensors read from the anatomical derivatives, never packed.
+
+    Items are those of :class:`T1ShardDataset`.
+    """
+
+    def __init__(self, *, t1_tensors: Sequence[Path], dataset: str) -> None:
+        self._paths = {Path(p).name: Path(p) for p in t1_tensors}
+        self.index = t1_samples_table(t1_tensors=t1_tensors, dataset=dataset)
+        shapes = {t1_shape(p) for p in self._paths.values()}
+        if len(shapes) > 1:
+            raise BHInputError(next(iter(self._paths.values())), f"T1 tensors of several shapes {sorted(shapes)}",
+                               "write every T1 tensor on the same encoder grid")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.index.iloc[i]
+        volume = np.load(self._paths[row["source_file"]])  # (X, Y, Z) float32
+        return {"t1": torch.from_numpy(volume)[None], "subject": row["subject"], "dataset": row["dataset"],
+                "sample_id": row["sample_id"], "session": row["session"]}
+
+
+def collate_fmri(batch: Sequence[dict]) -> dict:
+    """Batch fMRI items: ``x`` zero-padded along time to the longest, others stacked.
+
+    Returns
+    -------
+    dict
+        ``x`` (B, n_rois, T_max) float32, ``patch_mask`` (B, max_patches) bool,
+        ``tr`` (B,) float32, ``k``, ``n_patches``, ``n_frames`` (B,) int64, and
+        ``sample_id``, ``subject``, ``dataset`` as lists of str.
+    """
+    widths = [item["x"].shape[1] for item in batch]
+    # numpy copies the strided rows ~4x faster than torch's indexed assignment (bench_store.py).
+    x = np.empty((len(batch), batch[0]["x"].shape[0], max(widths)), dtype=np.float32)  # (B, n_rois, T_max)
+    for b, (item, width) in enumerate(zip(batch, widths)):
+        x[b, :, :width] = item["x"].numpy()
+        x[b, :, width:] = 0
+    x = torch.from_numpy(x)
+    out = {"x": x, "patch_mask": torch.stack([item["patch_mask"] for item in batch]),
+           "tr": torch.tensor([item["tr"] for item in batch], dtype=torch.float32)}
+    for key in ("k", "n_patches", "n_frames"):
+        if key in batch[0]:
+            out[key] = torch.tensor([item[key] for item in batch], dtype=torch.int64)
+    for key in ("sample_id", "subject", "dataset"):
+        out[key] = [item[key] for item in batch]
+    return out
+
+
+def paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
+    """fMRI and T1 samples of one split, paired by subject.
+
+    Each fMRI sample is paired with the subject's T1 of the same session, else
+    the subject's first T1 (by sample id). Subjects with only one modality keep
+    one row per sample with the other id missing (``pd.NA``), so training can
+    draw paired and unpaired samples.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``subject``, ``dataset``, ``fmri_sample_id``, ``t1_sample_id``
+        (string dtype), sorted by dataset, subject, fMRI id, T1 id.
+    """
+    return pair_samples(fmri=read_index(store_dir=store_dir, modality=FMRI_DIR, split=split),
+                        t1=read_index(store_dir=store_dir, modality=T1_DIR, split=split))
+
+
+def pair_samples(*, fmri: pd.DataFrame, t1: pd.DataFrame) -> pd.DataFrame:
+    """fMRI and T1 sample tables (``sample_id``, ``dataset``, ``subject``, ``session``) paired by
+    subject, as :func:`paired_samples` describes."""
+    t1 = t1.sort_values("sample_id")
+    by_session = dict(zip(zip(t1["dataset"], t1["subject"], t1["session"]), t1["sample_id"]))
+    first = t1.drop_duplicates(["dataset", "subject"])
+    by_subject = dict(zip(zip(first["dataset"], first["subject"]), first["sample_id"]))
+    rows = [(d, s, f, by_session.get((d, s, ses), by_subject.get((d, s))))
+            for d, s, ses, f in zip(fmri["dataset"], fmri["subject"], fmri["session"], fmri["sample_id"])]
+    with_fmri = set(zip(fmri["dataset"], fmri["subject"]))
+    rows += [(d, s, None, t) for d, s, t in zip(t1["dataset"], t1["subject"], t1["sample_id"])
+             if (d, s) not in with_fmri]
+    out = pd.DataFrame(rows, columns=["dataset", "subject", "fmri_sample_id", "t1_sample_id"], dtype="string")
+    out = out.sort_values(["dataset", "subject", "fmri_sample_id", "t1_sample_id"], na_position="last")
+    return out[["subject", "dataset", "fmri_sample_id", "t1_sample_id"]].reset_index(drop=True)
