@@ -1,32 +1,8 @@
 # Downstream evaluation per downstream dataset (and pooled over them): linear
 # probes on the frozen embeddings (fused hub tokens, harmonix-F, harmonix-S),
 # the FC baseline and chance, on shared folds, with permutation tests.
-# With evaluate.finetune.enabled, the frozen encoders' tokens of every sample of
-# a dataset are packed once (extract_latents) and the Harmonizer is fine-tuned as well.
-
-
-rule extract_latents:
-    input:
-        **bundle_inputs(),
-        samples=rules.augment_samples.output.out_samples,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
-    output:
-        out_latents=f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens.pt",
-    params:
-        step="bh_models.models.latents:extract_latents",
-        dataset=lambda w: w.dataset,
-        settings=BUNDLE_SETTINGS,
-    log:
-        log_path("extract_latents", "{dataset}"),
-    threads: 2
-    resources:
-        mem_mb=16000,
-        runtime=60,
-    conda:
-        ENV
-    script:
-        STEP
+# With evaluate.finetune.enabled, the Harmonizer is fine-tuned as well, on the
+# frozen encoders' tokens that extract_latents (models.smk) packed once per dataset.
 
 
 FINETUNE = config["evaluate"]["finetune"]["enabled"]

@@ -133,7 +133,7 @@ rule extract_embeddings:
         out_fmri_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-harmonixF_embeddings.tsv",
         out_t1_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-harmonixS_embeddings.tsv",
     params:
-        step="bh_models.models.pretrain:extract_embeddings",
+        step="bh_models.models.embeddings:extract_embeddings",
         dataset=lambda w: w.dataset,
         settings=BUNDLE_SETTINGS,
         batch_size=config["pretrain"]["harmonizer"]["batch_size"],
@@ -144,6 +144,30 @@ rule extract_embeddings:
         gpu=min(gpus(), 1),
         mem_mb=16000,
         runtime=4 * 60,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule extract_latents:
+    input:
+        **bundle_inputs(),
+        samples=rules.augment_samples.output.out_samples,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+    output:
+        out_latents=f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens.pt",
+    params:
+        step="bh_models.models.embeddings:extract_latents",
+        dataset=lambda w: w.dataset,
+        settings=BUNDLE_SETTINGS,
+    log:
+        log_path("extract_latents", "{dataset}"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
     conda:
         ENV
     script:

@@ -164,7 +164,8 @@ def finetune_job(*, latents: Path | Sequence[Path] | None, harmonizer_checkpoint
     latents, checkpoints = as_list(latents), as_list(harmonizer_checkpoint)
     if not settings or not settings.get("enabled") or not latents:
         return None
-    from bh_models.models.latents import HubClassifier, read_latents_files
+    from bh_models.models.latents import read_latents_files
+    from bh_models.models.nn.hub_classifier import HubClassifier
     from bh_models.models.pretrain import load_pretrained
 
     harmonizer_checkpoint = checkpoints[0]

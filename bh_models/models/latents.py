@@ -1,12 +1,8 @@
-"""Fine-tuning the Harmonizer on a downstream task (the ``evaluate.finetune`` option).
+"""Packed latent tokens: the frozen encoders' tokens of every sample, computed once for fine-tuning.
 
-The frozen encoders' latent tokens of every sample are computed once
-(:func:`extract_latents`, rule ``extract_latents``) and packed into one tensor;
-:class:`HubClassifier` is the pretrained Harmonizer without its decoders plus a
-linear head on the mean output hub token, trained end to end by
-:func:`bh_models.evaluation.finetune.finetune_cross_validated` with layer-wise learning-rate
-decay over ``layer_groups()``: input projections and hub tokens first, then each
-transformer block, then the final norm with the head.
+Written by :func:`bh_models.models.embeddings.extract_latents` (rule
+``extract_latents``); the fine-tuning option trains
+:class:`bh_models.models.nn.hub_classifier.HubClassifier` on them.
 
 Packed row layout, ``(N_S + N_F, D + 1)`` with ``D = max(D_S, D_F)``: the
 harmonix-S tokens, then the harmonix-F tokens (ROI-major, padded to the most
@@ -18,14 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bh_models.core.errors import BHInputError
-from bh_models.models.nn.harmonizer import Harmonizer
 
 __desc__ = (
     "For fine-tuning, the frozen harmonix-S and harmonix-F tokens of every sample were "
@@ -60,96 +54,6 @@ def pad_patches(row: Tensor, *, n_s: int, n_rois: int, patches: int) -> Tensor:
     f_block = f_block.reshape(n_rois, -1, row.shape[-1])  # (R, P_b, C)
     f_block = torch.nn.functional.pad(f_block, (0, 0, 0, patches - f_block.shape[1]))  # (R, patches, C), mask 0
     return torch.cat([s_block, f_block.reshape(n_rois * patches, -1)])
-
-
-class HubClassifier(nn.Module):
-    """Pretrained Harmonizer (decoders dropped) + linear head on the mean hub token.
-
-    Parameters
-    ----------
-    harmonizer : Harmonizer
-        Its weights are copied; the decoders are not kept.
-    n_outputs : int
-        2 logits for classification, 1 value for regression.
-    """
-
-    def __init__(self, harmonizer: Harmonizer, n_outputs: int) -> None:
-        super().__init__()
-        config = harmonizer.config
-        self.config = config
-        self.fusion = Harmonizer(config)
-        self.fusion.load_state_dict(harmonizer.state_dict())
-        del self.fusion.decoder_s, self.fusion.decoder_f
-        self.head = nn.Linear(config.embed_dim, n_outputs)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Packed rows ``(B, N_S + N_F, D + 1)`` -> ``(B, n_outputs)``."""
-        z_s, s_mask, z_f, f_mask = unpack_latents(x, n_s=self.fusion.n_s_tokens, dim_s=self.config.dim_s,
-                                                  dim_f=self.config.dim_f)
-        hub = self.fusion.fuse(z_s, s_mask, z_f, f_mask)  # (B, N_hub, D)
-        return self.head(hub.mean(dim=1))
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Input projections and tokens, each transformer block, final norm + head (input to output)."""
-        fusion = self.fusion
-        first = [*fusion.input_s.parameters(), *fusion.input_f.parameters(), fusion.modality_s,
-                 fusion.modality_f, fusion.hub_tokens]
-        blocks = [list(block.parameters()) for block in fusion.transformer.blocks]
-        return [first, *blocks, [*fusion.transformer.norm.parameters(), *self.head.parameters()]]
-
-
-def extract_latents(
-    *,
-    bundle: Path,
-    samples: Path,
-    timeseries: Sequence[Path],
-    t1_tensors: Sequence[Path],
-    out_latents: Path,
-    dataset: str,
-    settings: dict[str, Any] | None = None,
-    batch_size: int = 8,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """Step function: packed frozen-encoder tokens of one dataset's samples, for fine-tuning.
-
-    Encoded from the dataset's derivatives with the bundle's models and scaling
-    statistics (as :func:`bh_models.models.pretrain.extract_embeddings`). Writes
-    ``out_latents`` (``torch.save``): ``format``, ``dataset`` and ``subject``
-    (one per row), ``x`` float32 ``(n_rows, N_S + N_F, D + 1)`` (see module doc),
-    ``harmonizer_checkpoint`` (its path in the bundle). A subject's rows are its
-    fMRI samples (runs and TR variants) paired with its T1, or its single
-    T1-only row.
-    """
-    from bh_models.models.pretrain import derivative_batches, encode_latents, load_bundle_models
-    from bh_models.models.train import save_checkpoint
-
-    torch.set_num_threads(max(1, threads))
-    device = torch.device("cpu")
-    fmri_model, t1_model, harmonizer, meta = load_bundle_models(bundle=Path(bundle), settings=settings,
-                                                                device=device)
-    width = max(harmonizer.config.dim_s, harmonizer.config.dim_f)
-    rows, datasets, subjects = [], [], []
-    for batch in derivative_batches(samples=Path(samples), timeseries=timeseries, t1_tensors=t1_tensors,
-                                    dataset=dataset, scaling=Path(meta["root"]) / meta["scaling"],
-                                    batch_size=batch_size, device=device):
-        z_s, s_mask, z_f, f_mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model)
-        rows += list(pack_latents(z_s, s_mask, z_f, f_mask, width=width))  # each (N_S + N_F_batch, D + 1)
-        datasets += batch["dataset"]
-        subjects += batch["subject"]
-    if not rows:
-        raise BHInputError(samples, f"dataset {dataset} has no sample to encode",
-                           "check its preprocessing outputs and exclusions")
-    n_s, n_rois = harmonizer.n_s_tokens, harmonizer.config.n_rois
-    patches = max((len(row) - n_s) // n_rois for row in rows)  # batches crop to their own longest sample
-    x = torch.stack([pad_patches(row, n_s=n_s, n_rois=n_rois, patches=patches) for row in rows])
-    order = sorted(range(len(rows)), key=lambda i: (datasets[i], subjects[i], i))
-    save_checkpoint(Path(out_latents), {  # atomic, canonical bytes: reruns are byte-identical
-        "format": LATENTS_FORMAT, "dataset": [str(datasets[i]) for i in order],
-        "subject": [str(subjects[i]) for i in order], "x": x[order].contiguous(), "n_s": n_s, "n_rois": n_rois,
-        "harmonizer_checkpoint": meta["checkpoints"]["harmonizer"]})
-    return {"n_rows": len(rows), "shape": list(x.shape[1:])}
 
 
 def read_latents(*, path: Path, dataset: str | None = None) -> tuple[np.ndarray, np.ndarray, Tensor]:

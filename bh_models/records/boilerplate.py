@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import importlib
-import inspect
 import json
 import pkgutil
 import re

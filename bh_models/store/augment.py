@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -39,11 +39,9 @@ from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import write_json
 from bh_models.core.storeformat import (
     DTYPE,
-    FMRI_DIR,
     INDEX_FILE,
     STORE_FORMAT,
     STORE_META_FILE,
-    T1_DIR,
     TEMPORAL_MEANS_FILE,
     TEMPORAL_SDS_FILE,
     read_roi_names,

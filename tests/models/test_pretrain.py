@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from bh_models.models import pretrain, train as train_module
+from bh_models.models import embeddings, pretrain, train as train_module
 from bh_models.core.errors import BHInputError
 from bh_models.core.jsonio import read_json, sidecar_path
 from bh_models.models.train import load_checkpoint, resume_path
@@ -273,7 +273,7 @@ def test_t1_grid_follows_the_store(pipeline: dict) -> None:
 
 def test_extract_embeddings_writes_subject_tables(bundle: dict, tmp_path: Path) -> None:
     outputs = {key: tmp_path / f"{key}.tsv" for key in ("out_embeddings", "out_fmri_embeddings", "out_t1_embeddings")}
-    summary = pretrain.extract_embeddings(**bundle, **outputs, settings=SETTINGS, threads=1)
+    summary = embeddings.extract_embeddings(**bundle, **outputs, settings=SETTINGS, threads=1)
     hub = pd.read_csv(outputs["out_embeddings"], sep="\t", dtype={"subject": str})
     fmri = pd.read_csv(outputs["out_fmri_embeddings"], sep="\t", dtype={"subject": str})
     t1 = pd.read_csv(outputs["out_t1_embeddings"], sep="\t", dtype={"subject": str})
@@ -287,7 +287,7 @@ def test_extract_embeddings_writes_subject_tables(bundle: dict, tmp_path: Path) 
     # Subjects differ; a rerun writes the same bytes.
     assert hub.iloc[:, 2:].std(axis=0).max() > 0
     again = {key: tmp_path / "again" / path.name for key, path in outputs.items()}
-    pretrain.extract_embeddings(**bundle, **again, settings=SETTINGS, threads=1)
+    embeddings.extract_embeddings(**bundle, **again, settings=SETTINGS, threads=1)
     for key in outputs:
         assert outputs[key].read_bytes() == again[key].read_bytes()
 
@@ -300,7 +300,7 @@ def test_embeddings_refuse_a_bundle_trained_on_other_inputs(bundle: dict, tmp_pa
     for key, value in (("atlas.networks", 17), ("augment.tau", 30.0), ("atlas.parcels", 200)):
         with pytest.raises(BHConfigError, match=rf"{key}.*is {value!r} in this config.*trained with "
                                                 rf"{SETTINGS[key]!r}"):
-            pretrain.extract_embeddings(**bundle, **outputs, settings={**SETTINGS, key: value}, threads=1)
+            embeddings.extract_embeddings(**bundle, **outputs, settings={**SETTINGS, key: value}, threads=1)
     assert not outputs["out_embeddings"].exists()
 
 
@@ -365,12 +365,12 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dic
     """extract_latents packs every sample; the fine-tuned model joins the evaluation on the probe's folds."""
     from bh_models.evaluation.evaluate import evaluate_dataset
     from bh_models.evaluation.finetune import count_trainable_parameters, model_layers
-    from bh_models.models.latents import HubClassifier, pack_latents, read_latents, unpack_latents
+    from bh_models.models.latents import pack_latents, read_latents, unpack_latents
+    from bh_models.models.nn.hub_classifier import HubClassifier
 
     common = dict(**bundle, settings=SETTINGS, threads=1)
-    hub_finetune = __import__("bh_models.models.latents", fromlist=["extract_latents"])
-    summary = hub_finetune.extract_latents(out_latents=tmp_path / "a.pt", **common)
-    hub_finetune.extract_latents(out_latents=tmp_path / "again" / "a.pt", **common)  # torch stores the name
+    summary = embeddings.extract_latents(out_latents=tmp_path / "a.pt", **common)
+    embeddings.extract_latents(out_latents=tmp_path / "again" / "a.pt", **common)  # torch stores the name
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "again" / "a.pt").read_bytes()
     datasets, subjects, x = read_latents(path=tmp_path / "a.pt")
     assert set(subjects) == set(SUBJECTS) and len(subjects) == summary["n_rows"]
@@ -387,10 +387,10 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dic
                               harmonizer.fuse(z_s, s_mask, z_f, f_mask), atol=1e-6)
 
     # Rows of batches with fewer patches are padded per ROI: hub tokens equal the batch-wise extraction's.
-    embeddings = tmp_path / "emb"
-    pretrain.extract_embeddings(out_embeddings=embeddings / "hub.tsv", out_fmri_embeddings=embeddings / "f.tsv",
-                                out_t1_embeddings=embeddings / "s.tsv", **common)
-    hub = pd.read_csv(embeddings / "hub.tsv", sep="\t", dtype={"subject": str}).set_index("subject")
+    tables = tmp_path / "emb"
+    embeddings.extract_embeddings(out_embeddings=tables / "hub.tsv", out_fmri_embeddings=tables / "f.tsv",
+                                  out_t1_embeddings=tables / "s.tsv", **common)
+    hub = pd.read_csv(tables / "hub.tsv", sep="\t", dtype={"subject": str}).set_index("subject")
     with torch.no_grad():
         rows = harmonizer.hub_embedding(z_s, s_mask, z_f, f_mask).numpy()  # (n_rows, D)
     assert (f_mask.sum(dim=1) % harmonizer.config.n_rois == 0).all()
@@ -405,7 +405,7 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dic
     outputs = {name: tmp_path / "eval" / f"{name}.out" for name in
                ("out_results", "out_predictions", "out_figure_metrics", "out_figure_roc", "out_figure_scatter")}
     evaluate_dataset(
-        fused=embeddings / "hub.tsv", fmri_only=embeddings / "hub.tsv", t1_only=embeddings / "hub.tsv",
+        fused=tables / "hub.tsv", fmri_only=tables / "hub.tsv", t1_only=tables / "hub.tsv",
         timeseries=[], participants=participants, dataset="synth",
         tasks={"diagnosis": {"column": "diagnosis", "type": "classification", "positive": "patient"}},
         n_folds=3, n_repeats=1, n_permutations=3, latents=[tmp_path / "a.pt"],
