@@ -46,6 +46,7 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -243,6 +244,218 @@ def _stem(path: Path) -> str:
     return Path(path).name.removesuffix(".nii.gz").removesuffix(".nii")
 
 
+class _Laps:
+    """Wall-clock seconds per stage of one T1w (the sidecar's ``Timing``), each logged when done."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.timing: dict[str, float] = {}
+        self.started = self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timing[stage] = round(now - self.last, 3)
+        log.info("anat %s: %s done in %.1f s", self.name, stage, now - self.last)
+        self.last = now
+
+    def total(self) -> float:
+        self.timing["total"] = round(time.perf_counter() - self.started, 3)
+        return self.timing["total"]
+
+
+@dataclass(frozen=True)
+class _ClosestRas:
+    """The checked T1w as stored, and its closest-RAS copy that all computations use."""
+
+    img: nib.Nifti1Image  # as stored: native outputs return to its voxel order and world geometry
+    canon: nib.Nifti1Image  # the same world image, voxels permuted/flipped to RAS
+    back: np.ndarray  # orientation transform from the RAS copy back to the stored voxel order
+
+
+@dataclass(frozen=True)
+class _MniImages:
+    """The T1w and its brain mask on the template grid at the output resolution, and the template."""
+
+    template: nib.Nifti1Image
+    template_mask: nib.Nifti1Image
+    t1w: nib.Nifti1Image
+    mask_data: np.ndarray  # bool
+
+
+def _load_closest_ras(t1w: Path) -> _ClosestRas:
+    """1. Load and check the T1w; its closest-RAS copy."""
+    img = load_image(t1w, ndim=3, what="T1w")
+    data = read_data(img, t1w, what="T1w")
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise BHInputError(t1w, "T1w has a singular or non-finite affine (sform/qform)",
+                           "fix the header's orientation (e.g. re-convert with dcm2niix)")
+    # Work on the closest-RAS copy (a lossless permutation/flip of the voxels, same
+    # world image): an LPI- or RAS-stored file then goes through identical
+    # computations; native outputs return to the input's voxel order and affine.
+    ornt = nib.io_orientation(affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
+    canon_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    canon = nib.Nifti1Image(np.ascontiguousarray(nib.apply_orientation(data, ornt)), canon_affine)
+    return _ClosestRas(img=img, canon=canon, back=back)
+
+
+def _skullstrip(native: _ClosestRas, *, t1w: Path, method: str, threads: int, seed: int) -> tuple[np.ndarray, float]:
+    """2. Skull-strip: the brain mask (bool, RAS copy) and the TIV (mL); an implausible mask fails."""
+    try:
+        mask = skullstrip(native.canon, method=method, threads=threads, seed=seed)
+    except ValueError as exc:
+        raise BHInputError(t1w, f"skull-stripping failed: {exc}",
+                           "check that the file is a T1w head image, or exclude the subject") from exc
+    tiv = tiv_ml(mask)
+    if tiv < MIN_TIV_ML:
+        raise BHInputError(t1w, f"the brain mask holds only {tiv:.0f} mL (expected >= {MIN_TIV_ML:g} mL)",
+                           "check that the file is a whole-head T1w image, or exclude the subject")
+    return np.asarray(mask.dataobj) > 0, tiv
+
+
+def _bias_correct(native: _ClosestRas, mask_data: np.ndarray, *, registration_resolution: float) -> nib.Nifti1Image:
+    """3. N4 inside the mask (on the mask's bounding box): the brain-extracted, corrected T1w (RAS copy)."""
+    canon_data, canon_affine = np.asarray(native.canon.dataobj), native.canon.affine
+    box, box_affine = _bounding_box(mask_data, canon_affine, margin=N4_MARGIN_VOXELS)
+    corrected = n4_bias_correct(
+        image=nib.Nifti1Image(canon_data[box], box_affine),
+        mask=nib.Nifti1Image(mask_data[box].astype(np.uint8), box_affine),
+        shrink_factor=n4_shrink_factor(native.img.affine, registration_resolution),
+    )
+    brain_data = np.zeros(canon_data.shape, dtype=np.float32)
+    brain_data[box] = np.where(mask_data[box], np.asarray(corrected.dataobj, dtype=np.float32), 0)
+    return nib.Nifti1Image(brain_data, canon_affine)
+
+
+def _write_native_outputs(native: _ClosestRas, brain: nib.Nifti1Image, mask_data: np.ndarray, *,
+                          out_t1w: Path, out_mask: Path) -> None:
+    """3. The brain and its mask on the input grid, with the input's voxel order and world geometry."""
+    brain_data = np.asarray(brain.dataobj)
+    save_nifti(Path(out_t1w), _native_image(nib.apply_orientation(brain_data, native.back), native.img, np.float32))
+    save_nifti(Path(out_mask), _native_image(nib.apply_orientation(mask_data, native.back), native.img, np.uint8))
+
+
+def _register(brain: nib.Nifti1Image, *, registration_resolution: float, type_of_transform: str, seed: int,
+              out_forward: Path, out_inverse: Path) -> str:
+    """4. Registration to the brain-extracted template; writes both transforms, returns the template's source."""
+    reg_template, reg_mask, source = load_template(float(registration_resolution))
+    reg_fixed = nib.Nifti1Image(np.asarray(reg_template.dataobj, np.float32) * (np.asarray(reg_mask.dataobj) > 0),
+                                reg_template.affine)
+    register_to_template(moving=downsample(brain, float(registration_resolution)), template=reg_fixed,
+                         out_forward=Path(out_forward), out_inverse=Path(out_inverse),
+                         type_of_transform=type_of_transform, seed=seed)
+    for transform in (out_forward, out_inverse):
+        strip_hdf5_times(Path(transform))
+    return source
+
+
+def _mask_image(mask_data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """The brain mask as float32 (0/1), for ITK's nearest-neighbour resampling."""
+    return nib.Nifti1Image(mask_data.astype(np.float32), affine)
+
+
+def _write_mni_outputs(brain: nib.Nifti1Image, mask_data: np.ndarray, *, resolution: float, forward: Path,
+                       out_mni_t1w: Path, out_mni_mask: Path) -> _MniImages:
+    """5. The T1w (linear) and the mask (nearest neighbour) onto the template grid at ``resolution`` mm."""
+    template, template_mask, _ = load_template(float(resolution))
+    mask_float = _mask_image(mask_data, brain.affine)
+    mni_t1w = apply_transform(image=brain, reference=template, transform=forward)
+    mni_mask_data = np.asarray(apply_transform(image=mask_float, reference=template, transform=forward,
+                                               interpolation="nearestNeighbor").dataobj) > 0.5
+    mni_t1w = nib.Nifti1Image(np.asarray(mni_t1w.dataobj, np.float32), template.affine)
+    mni_mask = nib.Nifti1Image(mni_mask_data.astype(np.uint8), template.affine)
+    for out_img in (mni_t1w, mni_mask):
+        out_img.header.set_sform(template.affine, code=4)  # MNI
+        out_img.header.set_qform(template.affine, code=4)
+        out_img.header.set_xyzt_units("mm")
+    save_nifti(Path(out_mni_t1w), mni_t1w)
+    save_nifti(Path(out_mni_mask), mni_mask)
+    return _MniImages(template=template, template_mask=template_mask, t1w=mni_t1w, mask_data=mni_mask_data)
+
+
+def _encoder_tensor(brain: nib.Nifti1Image, mask_data: np.ndarray, *, grid: tuple[int, int, int], forward: Path,
+                    t1w: Path) -> tuple[np.ndarray, nib.Nifti1Image, int]:
+    """5. The native brain straight onto the tensor grid, z-scored in the brain: tensor, its grid, brain voxels."""
+    tensor_ref = tensor_reference(grid)
+    tensor_t1 = np.asarray(apply_transform(image=brain, reference=tensor_ref, transform=forward).dataobj)
+    tensor_mask = np.asarray(apply_transform(image=_mask_image(mask_data, brain.affine), reference=tensor_ref,
+                                             transform=forward, interpolation="nearestNeighbor").dataobj) > 0.5
+    if tensor_mask.sum() < 100:
+        raise BHInputError(t1w, "the registered brain falls outside the encoder tensor's MNI box",
+                           "check the registration QC figure; the T1w may be mislabelled or not a brain")
+    return zscore_in_mask(tensor_t1, tensor_mask), tensor_ref, int(tensor_mask.sum())
+
+
+def _write_tensor(out_tensor: Path, tensor: np.ndarray, tensor_ref: nib.Nifti1Image, *, brain_voxels: int,
+                  grid: tuple[int, int, int], out_t1w: Path, out_forward: Path) -> None:
+    """5. The encoder tensor ``.npy`` and its sidecar (grid, affine, field of view, normalisation)."""
+    _write_npy(Path(out_tensor), tensor)
+    write_json(sidecar_path(out_tensor), {
+        "Space": TEMPLATE_SPACE, "Shape": list(grid), "VoxelSize": float(tensor_ref.affine[0, 0]),
+        "Affine": tensor_ref.affine.tolist(), "Layout": "C-order float32 (x, y, z), RAS voxel axes",
+        "FieldOfViewMM": list(TENSOR_FOV_MM), "CentreMM": list(TENSOR_CENTRE_MM),
+        "Normalization": "z-score over the brain-mask voxels; 0 outside the brain",
+        "BrainVoxels": brain_voxels,
+        "Sources": [Path(out_t1w).name, Path(out_forward).name],
+    })
+
+
+def _write_qc(native: _ClosestRas, mask_data: np.ndarray, mni: _MniImages, *, t1w: Path, skullstrip_method: str,
+              type_of_transform: str, out_qc_mask: Path, out_qc_registration: Path) -> tuple[float, float]:
+    """6. Dice of the MNI mask with the template mask, NCC in the template mask, and the two PNG mosaics."""
+    template_mask_data = np.asarray(mni.template_mask.dataobj) > 0
+    mask_dice = dice(mni.mask_data, template_mask_data)
+    ncc = ncc_in_mask(np.asarray(mni.t1w.dataobj), np.asarray(mni.template.dataobj), template_mask_data)
+    stem = _stem(t1w)
+    native_mask = nib.Nifti1Image(mask_data.astype(np.uint8), native.canon.affine)
+    plot_mask_contour(image=native.canon, mask=native_mask, title=f"{stem}: brain mask ({skullstrip_method})",
+                      out_png=Path(out_qc_mask))
+    plot_registration(image=mni.t1w, template=mni.template, template_mask=mni.template_mask,
+                      title=f"{stem} in {TEMPLATE_SPACE} ({type_of_transform}): Dice {mask_dice:.3f}, "
+                            f"NCC {ncc:.3f}",
+                      out_png=Path(out_qc_registration))
+    return mask_dice, ncc
+
+
+def _write_sidecars(*, t1w: Path, out_t1w: Path, out_mni_t1w: Path, out_forward: Path, skullstrip_method: str,
+                    tiv: float, voxel_size: list[float], source: str, type_of_transform: str,
+                    registration_resolution: float, resolution: float, grid: tuple[int, int, int],
+                    tensor_spacing: float, seed: int, threads: int, mask_dice: float, ncc: float,
+                    timing: dict[str, float]) -> None:
+    """6. The native T1w's sidecar (TIV, QC values, timings, provenance) and the MNI T1w's."""
+    warnings = []
+    if mask_dice < 0.9:
+        warnings.append(f"Dice of the MNI brain mask with the template mask is {mask_dice:.3f} (< 0.9): "
+                        "check the registration figure")
+    write_json(sidecar_path(out_t1w), {
+        "SkullStripped": True,
+        "SkullStripMethod": skullstrip_method,
+        "TIV_mL": round(tiv, 3),
+        "BiasCorrection": "N4 inside the brain mask (antspyx)",
+        "Space": "T1w",
+        "VoxelSize": voxel_size,
+        "Sources": [t1w.name],
+        "Template": TEMPLATE_SPACE,
+        "TemplateSource": source,
+        "TypeOfTransform": type_of_transform,
+        "RegistrationResolution": float(registration_resolution),
+        "Resolution": float(resolution),
+        "TensorGrid": list(grid),
+        "TensorVoxelSize": tensor_spacing,
+        "Seed": int(seed),
+        "Threads": int(threads),
+        "ITKThreads": ITK_THREADS,
+        "DiceMNIMaskVsTemplate": round(mask_dice, 6),
+        "NCCMNIT1wVsTemplate": round(ncc, 6),
+        "Timing": timing,
+        "warnings": warnings,
+    })
+    write_json(sidecar_path(out_mni_t1w), {"Space": TEMPLATE_SPACE, "Resolution": float(resolution),
+                                           "SkullStripped": True, "Interpolation": "linear",
+                                           "Sources": [Path(out_t1w).name, Path(out_forward).name]})
+
+
 def preprocess_anat(
     *,
     t1w: Path,
@@ -324,153 +537,39 @@ def preprocess_anat(
     # byte-reproducible even with a fixed seed (see limit_itk_threads); ITK
     # reads this once per process, before its first use. ``threads`` goes to torch.
     limit_itk_threads(ITK_THREADS)
-    timing: dict[str, float] = {}
-    started = time.perf_counter()
+    laps = _Laps(t1w.name)
 
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timing[name] = round(now - since, 3)
-        log.info("anat %s: %s done in %.1f s", t1w.name, name, now - since)
-        return now
+    native = _load_closest_ras(t1w)
+    laps.lap("load")
+    mask_data, tiv = _skullstrip(native, t1w=t1w, method=skullstrip_method, threads=threads, seed=seed)
+    laps.lap("skullstrip")
+    brain = _bias_correct(native, mask_data, registration_resolution=registration_resolution)
+    _write_native_outputs(native, brain, mask_data, out_t1w=out_t1w, out_mask=out_mask)
+    laps.lap("n4")
+    source = _register(brain, registration_resolution=registration_resolution, type_of_transform=type_of_transform,
+                       seed=seed, out_forward=out_forward, out_inverse=out_inverse)
+    laps.lap("registration")
+    mni = _write_mni_outputs(brain, mask_data, resolution=resolution, forward=Path(out_forward),
+                             out_mni_t1w=out_mni_t1w, out_mni_mask=out_mni_mask)
+    tensor, tensor_ref, brain_voxels = _encoder_tensor(brain, mask_data, grid=grid, forward=Path(out_forward),
+                                                       t1w=t1w)
+    _write_tensor(out_tensor, tensor, tensor_ref, brain_voxels=brain_voxels, grid=grid, out_t1w=out_t1w,
+                  out_forward=out_forward)
+    laps.lap("resample")
+    mask_dice, ncc = _write_qc(native, mask_data, mni, t1w=t1w, skullstrip_method=skullstrip_method,
+                               type_of_transform=type_of_transform, out_qc_mask=out_qc_mask,
+                               out_qc_registration=out_qc_registration)
+    laps.lap("qc")
+    seconds = laps.total()
 
-    # ---- 1. load and check
-    img = load_image(t1w, ndim=3, what="T1w")
-    data = read_data(img, t1w, what="T1w")
-    affine = img.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise BHInputError(t1w, "T1w has a singular or non-finite affine (sform/qform)",
-                           "fix the header's orientation (e.g. re-convert with dcm2niix)")
-    # Work on the closest-RAS copy (a lossless permutation/flip of the voxels, same
-    # world image): an LPI- or RAS-stored file then goes through identical
-    # computations; native outputs return to the input's voxel order and affine.
-    ornt = nib.io_orientation(affine)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
-    canon_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
-    canon = nib.Nifti1Image(np.ascontiguousarray(nib.apply_orientation(data, ornt)), canon_affine)
-    t = lap("load", started)
-
-    # ---- 2. skull-strip
-    try:
-        mask = skullstrip(canon, method=skullstrip_method, threads=threads, seed=seed)
-    except ValueError as exc:
-        raise BHInputError(t1w, f"skull-stripping failed: {exc}",
-                           "check that the file is a T1w head image, or exclude the subject") from exc
-    tiv = tiv_ml(mask)
-    if tiv < MIN_TIV_ML:
-        raise BHInputError(t1w, f"the brain mask holds only {tiv:.0f} mL (expected >= {MIN_TIV_ML:g} mL)",
-                           "check that the file is a whole-head T1w image, or exclude the subject")
-    mask_data = np.asarray(mask.dataobj) > 0
-    t = lap("skullstrip", t)
-
-    # ---- 3. N4 inside the mask (on the mask's bounding box); native outputs
-    canon_data = np.asarray(canon.dataobj)
-    box, box_affine = _bounding_box(mask_data, canon_affine, margin=N4_MARGIN_VOXELS)
-    corrected = n4_bias_correct(
-        image=nib.Nifti1Image(canon_data[box], box_affine),
-        mask=nib.Nifti1Image(mask_data[box].astype(np.uint8), box_affine),
-        shrink_factor=n4_shrink_factor(affine, registration_resolution),
-    )
-    brain_data = np.zeros(canon_data.shape, dtype=np.float32)
-    brain_data[box] = np.where(mask_data[box], np.asarray(corrected.dataobj, dtype=np.float32), 0)
-    brain = nib.Nifti1Image(brain_data, canon_affine)
-    native_mask = nib.Nifti1Image(mask_data.astype(np.uint8), canon_affine)
-    save_nifti(Path(out_t1w), _native_image(nib.apply_orientation(brain_data, back), img, np.float32))
-    save_nifti(Path(out_mask), _native_image(nib.apply_orientation(mask_data, back), img, np.uint8))
-    t = lap("n4", t)
-
-    # ---- 4. registration to the brain-extracted template
-    reg_template, reg_mask, source = load_template(float(registration_resolution))
-    reg_fixed = nib.Nifti1Image(np.asarray(reg_template.dataobj, np.float32) * (np.asarray(reg_mask.dataobj) > 0),
-                                reg_template.affine)
-    register_to_template(moving=downsample(brain, float(registration_resolution)), template=reg_fixed,
-                         out_forward=Path(out_forward), out_inverse=Path(out_inverse),
-                         type_of_transform=type_of_transform, seed=seed)
-    for transform in (out_forward, out_inverse):
-        strip_hdf5_times(Path(transform))
-    t = lap("registration", t)
-
-    # ---- 5. resampling into MNI and the encoder tensor
-    template, template_mask, _ = load_template(float(resolution))
-    mask_float = nib.Nifti1Image(mask_data.astype(np.float32), canon_affine)
-    mni_t1w = apply_transform(image=brain, reference=template, transform=Path(out_forward))
-    mni_mask_data = np.asarray(apply_transform(image=mask_float, reference=template, transform=Path(out_forward),
-                                               interpolation="nearestNeighbor").dataobj) > 0.5
-    mni_t1w = nib.Nifti1Image(np.asarray(mni_t1w.dataobj, np.float32), template.affine)
-    mni_mask = nib.Nifti1Image(mni_mask_data.astype(np.uint8), template.affine)
-    for out_img in (mni_t1w, mni_mask):
-        out_img.header.set_sform(template.affine, code=4)  # MNI
-        out_img.header.set_qform(template.affine, code=4)
-        out_img.header.set_xyzt_units("mm")
-    save_nifti(Path(out_mni_t1w), mni_t1w)
-    save_nifti(Path(out_mni_mask), mni_mask)
-
-    tensor_ref = tensor_reference(grid)
-    tensor_t1 = np.asarray(apply_transform(image=brain, reference=tensor_ref, transform=Path(out_forward)).dataobj)
-    tensor_mask = np.asarray(apply_transform(image=mask_float, reference=tensor_ref, transform=Path(out_forward),
-                                             interpolation="nearestNeighbor").dataobj) > 0.5
-    if tensor_mask.sum() < 100:
-        raise BHInputError(t1w, "the registered brain falls outside the encoder tensor's MNI box",
-                           "check the registration QC figure; the T1w may be mislabelled or not a brain")
-    tensor = zscore_in_mask(tensor_t1, tensor_mask)
-    _write_npy(Path(out_tensor), tensor)
-    spacing = float(tensor_ref.affine[0, 0])
-    write_json(sidecar_path(out_tensor), {
-        "Space": TEMPLATE_SPACE, "Shape": list(grid), "VoxelSize": spacing,
-        "Affine": tensor_ref.affine.tolist(), "Layout": "C-order float32 (x, y, z), RAS voxel axes",
-        "FieldOfViewMM": list(TENSOR_FOV_MM), "CentreMM": list(TENSOR_CENTRE_MM),
-        "Normalization": "z-score over the brain-mask voxels; 0 outside the brain",
-        "BrainVoxels": int(tensor_mask.sum()),
-        "Sources": [Path(out_t1w).name, Path(out_forward).name],
-    })
-    t = lap("resample", t)
-
-    # ---- 6. QC
-    template_mask_data = np.asarray(template_mask.dataobj) > 0
-    mask_dice = dice(mni_mask_data, template_mask_data)
-    ncc = ncc_in_mask(np.asarray(mni_t1w.dataobj), np.asarray(template.dataobj), template_mask_data)
-    stem = _stem(t1w)
-    plot_mask_contour(image=canon, mask=native_mask, title=f"{stem}: brain mask ({skullstrip_method})",
-                      out_png=Path(out_qc_mask))
-    plot_registration(image=mni_t1w, template=template, template_mask=template_mask,
-                      title=f"{stem} in {TEMPLATE_SPACE} ({type_of_transform}): Dice {mask_dice:.3f}, "
-                            f"NCC {ncc:.3f}",
-                      out_png=Path(out_qc_registration))
-    t = lap("qc", t)
-    timing["total"] = round(time.perf_counter() - started, 3)
-    warnings = []
-    if mask_dice < 0.9:
-        warnings.append(f"Dice of the MNI brain mask with the template mask is {mask_dice:.3f} (< 0.9): "
-                        "check the registration figure")
-
-    zooms = [float(z) for z in nib.affines.voxel_sizes(affine)]
-    write_json(sidecar_path(out_t1w), {
-        "SkullStripped": True,
-        "SkullStripMethod": skullstrip_method,
-        "TIV_mL": round(tiv, 3),
-        "BiasCorrection": "N4 inside the brain mask (antspyx)",
-        "Space": "T1w",
-        "VoxelSize": zooms,
-        "Sources": [t1w.name],
-        "Template": TEMPLATE_SPACE,
-        "TemplateSource": source,
-        "TypeOfTransform": type_of_transform,
-        "RegistrationResolution": float(registration_resolution),
-        "Resolution": float(resolution),
-        "TensorGrid": list(grid),
-        "TensorVoxelSize": spacing,
-        "Seed": int(seed),
-        "Threads": int(threads),
-        "ITKThreads": ITK_THREADS,
-        "DiceMNIMaskVsTemplate": round(mask_dice, 6),
-        "NCCMNIT1wVsTemplate": round(ncc, 6),
-        "Timing": timing,
-        "warnings": warnings,
-    })
-    write_json(sidecar_path(out_mni_t1w), {"Space": TEMPLATE_SPACE, "Resolution": float(resolution),
-                                           "SkullStripped": True, "Interpolation": "linear",
-                                           "Sources": [Path(out_t1w).name, Path(out_forward).name]})
-    log.info("anat %s: TIV %.0f mL, Dice %.3f, NCC %.3f, %.1f s", t1w.name, tiv, mask_dice, ncc, timing["total"])
-    return {"tiv_ml": tiv, "dice": mask_dice, "ncc": ncc, "seconds": timing["total"],
+    _write_sidecars(t1w=t1w, out_t1w=out_t1w, out_mni_t1w=out_mni_t1w, out_forward=out_forward,
+                    skullstrip_method=skullstrip_method, tiv=tiv,
+                    voxel_size=[float(z) for z in nib.affines.voxel_sizes(native.img.affine)], source=source,
+                    type_of_transform=type_of_transform, registration_resolution=registration_resolution,
+                    resolution=resolution, grid=grid, tensor_spacing=float(tensor_ref.affine[0, 0]), seed=seed,
+                    threads=threads, mask_dice=mask_dice, ncc=ncc, timing=laps.timing)
+    log.info("anat %s: TIV %.0f mL, Dice %.3f, NCC %.3f, %.1f s", t1w.name, tiv, mask_dice, ncc, seconds)
+    return {"tiv_ml": tiv, "dice": mask_dice, "ncc": ncc, "seconds": seconds,
             "skullstrip_method": skullstrip_method}
 
 

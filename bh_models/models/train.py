@@ -372,50 +372,101 @@ def _train(
     model_config: dict, out_checkpoint: Path, out_metrics: Path, out_curve: Path, title: str,
     context: DistContext, stop_after: int | None, data_id: str = "",
 ) -> TrainResult:
-    device, world_size = context.device, context.world_size
-    on_cuda = device.type == "cuda"
-    model.to(device)
+    run = _setup(model, dataset, config=config, model_config=model_config, context=context, data_id=data_id)
+    resume_file = resume_path(out_checkpoint)
+    start_step, rows = _resume(run, resume_file, title=title)
+    batches = _batches(dataset, collate_fn, config=config, context=context, start_step=start_step)
+    progress = tqdm(total=config.steps, initial=start_step, desc=title, disable=None if context.is_main else True)
+    hook = getattr(model, "on_optimizer_step", None)
+    model.train()
+    for step in range(start_step, config.steps):
+        rows.append(_train_step(run, batches, step, loss_fn=loss_fn, hook=hook, title=title))
+        _show_progress(progress, rows[-1], title=title, config=config, context=context)
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            if context.is_main:
+                save_checkpoint(resume_file, _checkpoint_payload(run, step + 1, history=rows))
+            _barrier(context.world_size)
+        if stop_after is not None and step + 1 >= stop_after:
+            progress.close()
+            return TrainResult(model, pd.DataFrame(rows), start_step, step + 1, completed=False)
+    progress.close()
+    metrics = _finish(run, rows, out_checkpoint=out_checkpoint, out_metrics=out_metrics, out_curve=out_curve,
+                      resume_file=resume_file, title=title)
+    return TrainResult(model, metrics, start_step, config.steps, completed=True)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One training run: model (and its DDP wrapper), optimiser, scheduler, settings and identity."""
+
+    model: nn.Module
+    wrapped: nn.Module  # ``model`` itself on one process
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    config: TrainConfig
+    model_config: dict
+    context: DistContext
+    run_id: str  # fingerprint of everything a resume must match
+
+
+def _setup(model: nn.Module, dataset: Dataset, *, config: TrainConfig, model_config: dict, context: DistContext,
+           data_id: str) -> _Run:
+    """Model on its device (DDP-wrapped with several processes), AdamW, warm-up + cosine, run fingerprint."""
+    model.to(context.device)
     wrapped: nn.Module = model
-    if world_size > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[context.local_rank] if on_cuda else None)
+    if context.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[context.local_rank] if context.device.type == "cuda" else None
+        )
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_at(step) / config.lr)
     run_id = fingerprint({
         # data_id: a resume file from training on other data (a re-packed store) is not resumed.
-        "model": model_config, "world_size": world_size, "n_samples": len(dataset),  # type: ignore[arg-type]
+        "model": model_config, "world_size": context.world_size, "n_samples": len(dataset),  # type: ignore[arg-type]
         "data": data_id,
         "train": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_every", "num_workers")},
     })
+    return _Run(model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, config=config,
+                model_config=model_config, context=context, run_id=run_id)
 
+
+def _resume(run: _Run, resume_file: Path, *, title: str) -> tuple[int, list[dict]]:
+    """Restore a matching resume file (model, optimiser, scheduler, RNG states): the start step and metrics rows."""
     start_step, rows = 0, []
-    resume_file = resume_path(out_checkpoint)
     if resume_file.is_file():
         state = load_checkpoint(resume_file)
-        if state["fingerprint"] == run_id:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+        if state["fingerprint"] == run.run_id:
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             start_step, rows = state["step"], list(state["metrics"])
-            if context.is_main:
+            if run.context.is_main:
                 LOG.warning("%s: resuming at step %d from %s", title, start_step, resume_file)
-        elif context.is_main:
+        elif run.context.is_main:
             LOG.warning("%s: %s belongs to another configuration; starting afresh", title, resume_file)
+    return start_step, rows
 
-    def payload(step: int, with_history: bool) -> dict[str, Any]:
-        data = {
-            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(), "fingerprint": run_id,
-            "config": {"model": model_config, "train": dataclasses.asdict(config)},
-            "data_position": step * config.grad_accum,  # micro-batches consumed per rank
-        }
-        if with_history:  # wall-clock throughput lives only in the resume file and the TSV
-            data["metrics"] = rows
-        return data
 
+def _checkpoint_payload(run: _Run, step: int, *, history: list[dict] | None) -> dict[str, Any]:
+    """What a checkpoint holds after ``step`` optimiser steps; ``history`` (metrics rows) only in the resume file."""
+    data = {
+        "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "step": step, "rng": rng_state(), "fingerprint": run.run_id,
+        "config": {"model": run.model_config, "train": dataclasses.asdict(run.config)},
+        "data_position": step * run.config.grad_accum,  # micro-batches consumed per rank
+    }
+    if history is not None:  # wall-clock throughput lives only in the resume file and the TSV
+        data["metrics"] = history
+    return data
+
+
+def _batches(dataset: Dataset, collate_fn: Callable, *, config: TrainConfig, context: DistContext,
+             start_step: int) -> Iterator[Any]:
+    """The micro-batch stream of this rank, starting at the first micro-batch of ``start_step``."""
     sampler = ResumableBatchSampler(
         n_samples=len(dataset), batch_size=config.batch_size, seed=config.seed,  # type: ignore[arg-type]
-        rank=context.rank, world_size=world_size, start_batch=start_step * config.grad_accum,
+        rank=context.rank, world_size=context.world_size, start_batch=start_step * config.grad_accum,
     )
     # A private generator: otherwise creating the loader's iterator draws its worker base
     # seed from the global RNG, which a resumed run would do at a different point.
@@ -423,74 +474,87 @@ def _train(
         step_seed(seed=config.seed, micro_step=start_step * config.grad_accum, rank=context.rank, stream=1)
     )
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
-                        pin_memory=on_cuda, generator=loader_generator)
-    batches = iter(loader)
-    progress = tqdm(total=config.steps, initial=start_step, desc=title, disable=None if context.is_main else True)
-    hook = getattr(model, "on_optimizer_step", None)
-    model.train()
-    for step in range(start_step, config.steps):
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        losses, extras = [], {}
-        for micro in range(config.grad_accum):
-            batch = move_to_device(next(batches), device)
-            generator = torch.Generator().manual_seed(
-                step_seed(seed=config.seed, micro_step=step * config.grad_accum + micro, rank=context.rank)
-            )
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            skip_sync = world_size > 1 and micro < config.grad_accum - 1
-            with wrapped.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                    loss, metrics = loss_fn(wrapped, batch, generator)
-                (loss / config.grad_accum).backward()
-            losses.append(loss.detach().float())
-            for key, value in metrics.items():
-                extras[key] = extras.get(key, 0.0) + float(value) / config.grad_accum
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                     if config.grad_clip > 0 else torch.tensor(float("nan")))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if hook is not None:
-            hook(step=step + 1, total_steps=config.steps)
-        mean_loss = torch.stack(losses).mean()
-        if world_size > 1:
-            dist.all_reduce(mean_loss)
-            mean_loss /= world_size
-        loss_value = float(mean_loss)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"{title}: loss became {loss_value} at step {step + 1}; lower lr or raise warmup_steps"
-            )
-        elapsed = time.perf_counter() - started
-        rows.append({
-            "step": step + 1, "loss": loss_value, "lr": lr,
-            "samples_per_s": config.batch_size * config.grad_accum * world_size / max(elapsed, 1e-9),
-            "grad_norm": float(grad_norm), **extras,
-        })
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        # The bar is off in batch logs (no terminal): log progress there instead.
-        if context.is_main and progress.disable and (step + 1) % max(1, config.steps // 20) == 0:
-            LOG.info("%s: step %d/%d loss %.4f lr %.2e %.1f samples/s", title, step + 1, config.steps,
-                     loss_value, lr, rows[-1]["samples_per_s"])
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            if context.is_main:
-                save_checkpoint(resume_file, payload(step + 1, with_history=True))
-            _barrier(world_size)
-        if stop_after is not None and step + 1 >= stop_after:
-            progress.close()
-            return TrainResult(model, pd.DataFrame(rows), start_step, step + 1, completed=False)
-    progress.close()
-    end_step = config.steps
+                        pin_memory=context.device.type == "cuda", generator=loader_generator)
+    return iter(loader)
+
+
+def _accumulate_gradients(run: _Run, batches: Iterator[Any], step: int, *,
+                          loss_fn: LossFn) -> tuple[list[Tensor], dict[str, float]]:
+    """Forward and backward over the step's ``grad_accum`` micro-batches: their losses and mean model metrics."""
+    config, context = run.config, run.context
+    device, world_size = context.device, context.world_size
+    losses, extras = [], {}
+    for micro in range(config.grad_accum):
+        batch = move_to_device(next(batches), device)
+        generator = torch.Generator().manual_seed(
+            step_seed(seed=config.seed, micro_step=step * config.grad_accum + micro, rank=context.rank)
+        )
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        skip_sync = world_size > 1 and micro < config.grad_accum - 1
+        with run.wrapped.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, metrics = loss_fn(run.wrapped, batch, generator)
+            (loss / config.grad_accum).backward()
+        losses.append(loss.detach().float())
+        for key, value in metrics.items():
+            extras[key] = extras.get(key, 0.0) + float(value) / config.grad_accum
+    return losses, extras
+
+
+def _train_step(run: _Run, batches: Iterator[Any], step: int, *, loss_fn: LossFn, hook: Callable | None,
+                title: str) -> dict[str, Any]:
+    """Optimiser step ``step`` (0-based): gradients, clipping, update, EMA hook; its metrics row."""
+    config, world_size = run.config, run.context.world_size
+    started = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    losses, extras = _accumulate_gradients(run, batches, step, loss_fn=loss_fn)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+                 if config.grad_clip > 0 else torch.tensor(float("nan")))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if hook is not None:
+        hook(step=step + 1, total_steps=config.steps)
+    mean_loss = torch.stack(losses).mean()
+    if world_size > 1:
+        dist.all_reduce(mean_loss)
+        mean_loss /= world_size
+    loss_value = float(mean_loss)
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(
+            f"{title}: loss became {loss_value} at step {step + 1}; lower lr or raise warmup_steps"
+        )
+    elapsed = time.perf_counter() - started
+    return {
+        "step": step + 1, "loss": loss_value, "lr": lr,
+        "samples_per_s": config.batch_size * config.grad_accum * world_size / max(elapsed, 1e-9),
+        "grad_norm": float(grad_norm), **extras,
+    }
+
+
+def _show_progress(progress: tqdm, row: dict[str, Any], *, title: str, config: TrainConfig,
+                   context: DistContext) -> None:
+    """Advance the progress bar; in batch logs (bar off) log every 5 % of the steps."""
+    step, loss_value, lr = row["step"], row["loss"], row["lr"]
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+    # The bar is off in batch logs (no terminal): log progress there instead.
+    if context.is_main and progress.disable and step % max(1, config.steps // 20) == 0:
+        LOG.info("%s: step %d/%d loss %.4f lr %.2e %.1f samples/s", title, step, config.steps,
+                 loss_value, lr, row["samples_per_s"])
+
+
+def _finish(run: _Run, rows: list[dict], *, out_checkpoint: Path, out_metrics: Path, out_curve: Path,
+            resume_file: Path, title: str) -> pd.DataFrame:
+    """Rank 0 writes the final checkpoint, the metrics TSV and the loss curve, then drops the resume file."""
     metrics = pd.DataFrame(rows)
-    if context.is_main:
-        save_checkpoint(out_checkpoint, payload(end_step, with_history=False))
+    if run.context.is_main:
+        save_checkpoint(out_checkpoint, _checkpoint_payload(run, run.config.steps, history=None))
         write_metrics(metrics, out_metrics)
         plot_loss_curve(metrics, out_curve, title=title)
         resume_file.unlink(missing_ok=True)
-    _barrier(world_size)
-    return TrainResult(model, metrics, start_step, end_step, completed=True)
+    _barrier(run.context.world_size)
+    return metrics
 
 
 def _barrier(world_size: int) -> None:
