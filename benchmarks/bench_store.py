@@ -86,7 +86,7 @@ def bench_packing(work: Path, sources: list[Path], threads: int, seed: int) -> P
                    out_splits=store / "splits" / "bench.tsv", seed=seed)
     total += timed("pack_fmri (parse TSVs, write shards)", pack_fmri, samples=samples, timeseries=sources,
                    splits=store / "splits" / "bench.tsv", out_dir=store / "fmri" / "bench", threads=threads)
-    total += timed("compute_scaling", compute_scaling, fmri_indexes=[store / "fmri" / "bench" / "index.tsv"],
+    total += timed("compute_scaling", compute_scaling, fmri=[store / "fmri" / "bench"],
                    out_scaling=store / "scaling.json")
     n = len(pd.read_csv(samples, sep="\t"))
     print(f"  total: {total:.1f} s for {n} samples = {n / total:.0f} samples/s "
@@ -151,11 +151,11 @@ def bench_loader(work: Path, store: Path, sources: list[Path], n_samples: int, b
                  seed: int) -> None:
     print(f"\n[2] loader throughput on the same {n_samples} samples, same order, batch {batch_size}, 0 workers, "
           "median of 3 passes after a warm-up pass")
-    packed = FmriShardDataset(store, "train")
+    packed = FmriShardDataset([store / "fmri" / "bench"], "train", scaling=store / "scaling.json")
     order = np.sort(np.random.default_rng(seed).choice(len(packed), size=n_samples, replace=False))
     order = np.random.default_rng(seed + 1).permutation(order)
     rows = packed.index.iloc[order]
-    raw = FmriShardDataset(store, "train", scale=False)
+    raw = FmriShardDataset([store / "fmri" / "bench"], "train", scale=False)
     by_name = {p.name: p for p in sources}
     for folder in ("per_subject", "per_sample"):
         (work / folder).mkdir(exist_ok=True)
@@ -192,7 +192,7 @@ def _sha(path: Path) -> str:
 
 def bench_formats(work: Path, store: Path, n_samples: int, seed: int) -> None:
     print(f"\n[3] shard formats on the same {n_samples} samples (random reads, warm page cache)")
-    raw = FmriShardDataset(store, "train", scale=False)
+    raw = FmriShardDataset([store / "fmri" / "bench"], "train", scale=False)
     picked = np.sort(np.random.default_rng(seed).choice(len(raw), size=min(n_samples, len(raw)), replace=False))
     arrays = [raw[int(i)]["x"][:, : raw[int(i)]["n_frames"]].numpy().T.copy() for i in picked]  # (frames, rois)
     starts = np.concatenate([[0], np.cumsum([len(a) for a in arrays])])

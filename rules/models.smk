@@ -9,8 +9,8 @@
 
 rule pretrain_fmri:
     input:
-        dep_fmri=expand(rules.pack_fmri.output.out_dir, dataset=PRETRAIN),
-        dep_scaling=rules.store_scaling.output.out_scaling,
+        fmri=rules.store_scaling.input.fmri,
+        scaling=rules.store_scaling.output.out_scaling,
         geometry=GEOMETRY_MATRIX,
     output:
         out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonix_f']}",
@@ -19,7 +19,6 @@ rule pretrain_fmri:
                          category="Training", labels={"model": "harmonix-F (JEPA)"}),
     params:
         step="bh_models.models.pretrain:pretrain_fmri",
-        store=STORE,
         **training("fmri"),
     log:
         log_path("pretrain_fmri", "all"),
@@ -36,7 +35,7 @@ rule pretrain_fmri:
 
 rule pretrain_t1:
     input:
-        dep_t1=expand(rules.pack_t1.output.out_dir, dataset=PRETRAIN),
+        t1=expand(rules.pack_t1.output.out_dir, dataset=PRETRAIN),
     output:
         out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonix_s']}",
         out_metrics=f"{MODELS}/harmonix-s/metrics.tsv",
@@ -44,7 +43,6 @@ rule pretrain_t1:
                          category="Training", labels={"model": "harmonix-S (MAE)"}),
     params:
         step="bh_models.models.pretrain:pretrain_t1",
-        store=STORE,
         **training("t1"),
     log:
         log_path("pretrain_t1", "all"),
@@ -64,9 +62,9 @@ rule pretrain_harmonizer:
         fmri_checkpoint=rules.pretrain_fmri.output.out_checkpoint,
         t1_checkpoint=rules.pretrain_t1.output.out_checkpoint,
         geometry=rules.pretrain_fmri.input.geometry,
-        dep_fmri=rules.pretrain_fmri.input.dep_fmri,
-        dep_t1=rules.pretrain_t1.input.dep_t1,
-        dep_scaling=rules.store_scaling.output.out_scaling,
+        fmri=rules.pretrain_fmri.input.fmri,
+        t1=rules.pretrain_t1.input.t1,
+        scaling=rules.pretrain_fmri.input.scaling,
     output:
         out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonizer']}",
         out_metrics=f"{MODELS}/harmonizer/metrics.tsv",
@@ -74,7 +72,6 @@ rule pretrain_harmonizer:
                          category="Training", labels={"model": "Harmonizer"}),
     params:
         step="bh_models.models.pretrain:pretrain_harmonizer",
-        store=STORE,
         **training("harmonizer"),
     log:
         log_path("pretrain_harmonizer", "all"),

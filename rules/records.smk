@@ -13,7 +13,9 @@ rule exclusion_table:
                        labels={"dataset": "all", "table": "exclusions"}),
     params:
         step="bh_models.core.exclusions:write_exclusion_table",
-        results_dir=RESULTS,
+        # The exclusion records under results/exclusions/ are side records of the step
+        # runner (like logs, no rule declares them); the folder follows from the output.
+        results_dir=lambda w, output: str(Path(output.out_tsv).parents[1]),
     log:
         log_path("exclusion_table", "all"),
     threads: 1
@@ -55,7 +57,9 @@ rule audit:
                         labels={"item": "audit"}),
     params:
         step="bh_models.records.audit:write_audit",
-        results_dir=RESULTS,
+        # Reads every job's provenance record (results/provenance/, written by the step
+        # runner beside each job's outputs, like its log) and re-hashes the outputs.
+        results_dir=lambda w, output: str(Path(output.out_tsv).parents[1]),
     log:
         log_path("audit", "all"),
     threads: 2

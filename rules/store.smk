@@ -101,13 +101,12 @@ rule pack_t1:
 
 rule store_scaling:
     input:
-        dep_fmri=expand(rules.pack_fmri.output.out_dir, dataset=PRETRAIN),
+        fmri=expand(rules.pack_fmri.output.out_dir, dataset=PRETRAIN),
     output:
         out_scaling=f"{STORE}/scaling.json",
         out_scaling_table=f"{STORE}/scaling.tsv",
     params:
         step="bh_models.store.scaling:compute_scaling",
-        fmri_indexes=expand(f"{STORE}/fmri/{{dataset}}/index.tsv", dataset=PRETRAIN),
         iqr_floor=config["store"]["iqr_floor"],
         relative_iqr_floor=config["store"]["relative_iqr_floor"],
     log:

@@ -138,17 +138,16 @@ def t1_shape(path: Path) -> tuple[int, ...]:
     return tuple(int(s) for s in header.shape)
 
 
-def discover(store_dir: Path, modality: str) -> list[Path]:
-    return sorted((Path(store_dir) / modality).glob(f"*/{INDEX_FILE}"))
-
-
-def read_index(*, store_dir: Path, modality: str, split: str | None = None) -> pd.DataFrame:
-    """All datasets' index rows of one modality (``"fmri"`` or ``"t1"``), optionally one split.
-
-    The datasets are discovered from ``store_dir/<modality>/*/index.tsv``.
+def read_index(*, folders: Sequence[Path], split: str | None = None) -> pd.DataFrame:
+    """Index rows of the given dataset folders of one modality (``<store>/fmri/<dataset>`` ...),
+    optionally of one split. Only the folders named are read: a folder left by a dataset
+    that no longer pretrains is never picked up.
     """
     tables = []
-    for path in discover(store_dir, modality):
+    for folder in sorted(map(Path, folders)):
+        path = folder / INDEX_FILE
+        if not path.is_file():
+            raise BHInputError(folder, f"no {INDEX_FILE}: not a packed dataset folder", "rerun its packing step")
         table = read_samples_table(path)
         table["shard_path"] = [str(path.parent / s) for s in table["shard"]]
         tables.append(table if split is None else table[table["split"] == split])

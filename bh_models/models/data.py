@@ -19,12 +19,8 @@ from torch.utils.data import Dataset
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import read_json
 from bh_models.core.storeformat import (
-    FMRI_DIR,
-    SCALING_FILE,
     STORE_META_FILE,
-    T1_DIR,
     RobustScaling,
-    discover,
     load_scaling,
     read_index,
     read_roi_names,
@@ -54,16 +50,16 @@ class _ShardCache:
 
 
 class FmriShardDataset(Dataset):
-    """fMRI samples of one split from every dataset in the store.
+    """fMRI samples of one split from the given packed datasets.
 
     Parameters
     ----------
-    store_dir : Path
-        Store root.
+    folders : sequence of Path
+        Packed fMRI dataset folders (``<store>/fmri/<dataset>``).
     split : str
         ``"train"``, ``"val"``, ``"test"``.
     scaling : Path, optional
-        Robust-scaling JSON; default ``store_dir/scaling.json``.
+        Robust-scaling JSON (``<store>/scaling.json``); required unless ``scale`` is False.
     scale : bool
         False returns the packed values unscaled (round-trip checks).
 
@@ -72,13 +68,14 @@ class FmriShardDataset(Dataset):
     ``k``, ``n_patches``, ``n_frames``, ``sample_id``, ``subject``, ``dataset``.
     """
 
-    def __init__(self, store_dir: Path, split: str, *, scaling: Path | None = None, scale: bool = True) -> None:
-        self.store_dir = Path(store_dir)
+    def __init__(self, folders: Sequence[Path], split: str, *, scaling: Path | None = None,
+                 scale: bool = True) -> None:
+        folders = sorted(map(Path, folders))
         self.split = split
-        index = read_index(store_dir=self.store_dir, modality=FMRI_DIR, split=split)
-        metas = [read_json(p.parent / STORE_META_FILE) for p in discover(self.store_dir, FMRI_DIR)]
-        if not metas:
-            raise BHInputError(self.store_dir / FMRI_DIR, "no packed fMRI dataset", "run pack_fmri first")
+        if not folders:
+            raise BHInputError("fmri", "no packed fMRI dataset given", "run pack_fmri first")
+        index = read_index(folders=folders, split=split)
+        metas = [read_json(folder / STORE_META_FILE) for folder in folders]
         self.rois = metas[0]["rois"]
         patches = {m["max_patches"] for m in metas if m["max_patches"] is not None}
         if any(m["rois"] != self.rois for m in metas) or len(patches) > 1:
@@ -87,10 +84,12 @@ class FmriShardDataset(Dataset):
         self.max_patches = patches.pop() if patches else 0
         self.scaling: RobustScaling | None = None
         if scale:
-            self.scaling = load_scaling(Path(scaling) if scaling else self.store_dir / SCALING_FILE)
+            if scaling is None:
+                raise BHInputError(folders[0], "no robust-scaling statistics given",
+                                   "pass the store's scaling.json, or scale=False to read raw values")
+            self.scaling = load_scaling(Path(scaling))
             if list(self.scaling.rois) != self.rois:
-                raise BHInputError(scaling or self.store_dir / SCALING_FILE, "ROI names differ from the store's",
-                                   "rerun compute_scaling on this store")
+                raise BHInputError(scaling, "ROI names differ from the store's", "rerun compute_scaling on this store")
         self.index = index.reset_index(drop=True)
         # Plain arrays: per-item pandas access would cost more than the read itself.
         self._paths = self.index["shard_path"].to_numpy()
@@ -117,15 +116,14 @@ class FmriShardDataset(Dataset):
 
 
 class T1ShardDataset(Dataset):
-    """T1 tensors of one split from every dataset in the store.
+    """T1 tensors of one split from the given packed datasets (``<store>/t1/<dataset>`` folders).
 
     Items are dicts: ``t1`` float32 (1, X, Y, Z); ``subject``, ``dataset``, ``sample_id``, ``session``.
     """
 
-    def __init__(self, store_dir: Path, split: str) -> None:
-        self.store_dir = Path(store_dir)
+    def __init__(self, folders: Sequence[Path], split: str) -> None:
         self.split = split
-        self.index = read_index(store_dir=self.store_dir, modality=T1_DIR, split=split).reset_index(drop=True)
+        self.index = read_index(folders=folders, split=split).reset_index(drop=True)
         self._paths = self.index["shard_path"].to_numpy()
         self._row = self.index["row"].to_numpy() if len(self.index) else np.zeros(0, dtype=np.int64)
         self._ids = self.index[["sample_id", "subject", "dataset", "session"]].to_numpy()
@@ -274,8 +272,8 @@ def collate_fmri(batch: Sequence[dict]) -> dict:
     return out
 
 
-def paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
-    """fMRI and T1 samples of one split, paired by subject.
+def paired_samples(*, fmri: Sequence[Path], t1: Sequence[Path], split: str) -> pd.DataFrame:
+    """fMRI and T1 samples of one split of the given packed dataset folders, paired by subject.
 
     Each fMRI sample is paired with the subject's T1 of the same session, else
     the subject's first T1 (by sample id). Subjects with only one modality keep
@@ -288,8 +286,7 @@ def paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
         Columns ``subject``, ``dataset``, ``fmri_sample_id``, ``t1_sample_id``
         (string dtype), sorted by dataset, subject, fMRI id, T1 id.
     """
-    return pair_samples(fmri=read_index(store_dir=store_dir, modality=FMRI_DIR, split=split),
-                        t1=read_index(store_dir=store_dir, modality=T1_DIR, split=split))
+    return pair_samples(fmri=read_index(folders=fmri, split=split), t1=read_index(folders=t1, split=split))
 
 
 def pair_samples(*, fmri: pd.DataFrame, t1: pd.DataFrame) -> pd.DataFrame:

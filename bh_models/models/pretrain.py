@@ -118,32 +118,36 @@ def _write_training_sidecars(
     })
 
 
-def data_identity(*, store: Path, modalities: Sequence[str], extra: Sequence[Path] = ()) -> str:
+def data_identity(*, folders: Sequence[Path], scaling: Path | None = None, extra: Sequence[Path] = ()) -> str:
     """Cheap identity of the training data, so a resume file never outlives a re-packed store.
 
     Small files are hashed (store indexes, temporal means, scaling statistics,
     geometry, encoder checkpoints); shards by name and size only (hashing TBs of
     T1 shards at every start would cost more than a training step, and a time
     stamp would make the checkpoint, which stores this identity, differ between
-    two identical runs). Only the ``modalities`` the model reads count
-    (``"fmri"``, ``"t1"``): another modality's folder may be being re-packed by
-    a concurrent job.
+    two identical runs). Only the dataset ``folders`` the model reads count:
+    another modality's folders may be being re-packed by a concurrent job.
+    Names are ``<modality>/<dataset>/<file>``, so the identity does not depend on
+    where the store is mounted.
     """
     import hashlib
 
+    def name(path: Path) -> str:
+        return f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
+
     digest = hashlib.sha256()
-    store = Path(store)
-    folders = [store / modality for modality in sorted(modalities)]
-    small = [p for folder in folders for p in sorted(folder.glob("*/index.*"))]
-    small += [p for folder in folders for p in sorted(folder.glob("*/temporal_*.npy"))]
-    small += sorted(store.glob("scaling.json")) if "fmri" in modalities else []
-    small += [Path(p) for p in extra]
+    folders = sorted(map(Path, folders), key=lambda f: (f.parent.name, f.name))
+    small = [p for folder in folders for p in sorted(folder.glob("index.*"))]
+    small += [p for folder in folders for p in sorted(folder.glob("temporal_*.npy"))]
     for path in small:
-        digest.update(f"{path.relative_to(store) if store in path.parents else path.name}".encode())
+        digest.update(name(path).encode())
         digest.update(path.read_bytes())
-    shards = [p for folder in folders for p in sorted(folder.glob("*/*.npy")) if not p.name.startswith("temporal_")]
+    for path in ([Path(scaling)] if scaling is not None else []) + [Path(p) for p in extra]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    shards = [p for folder in folders for p in sorted(folder.glob("*.npy")) if not p.name.startswith("temporal_")]
     for shard in shards:
-        digest.update(f"{shard.relative_to(store)}:{shard.stat().st_size}".encode())
+        digest.update(f"{name(shard)}:{shard.stat().st_size}".encode())
     return digest.hexdigest()
 
 
@@ -159,7 +163,8 @@ def _check_geometry(*, geometry: Path, n_rois: int) -> Tensor:
 
 def pretrain_fmri(
     *,
-    store: Path,
+    fmri: Sequence[Path],
+    scaling: Path,
     geometry: Path,
     out_checkpoint: Path,
     out_metrics: Path,
@@ -179,12 +184,15 @@ def pretrain_fmri(
     model_overrides: dict[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Pretrain harmonix-F with JEPA on the store's training fMRI samples.
+    """Pretrain harmonix-F with JEPA on the training fMRI samples of the packed pretraining datasets.
 
     Parameters
     ----------
-    store : Path
-        Packed store folder (``bh_models.models.data.FmriShardDataset(store, "train")``).
+    fmri : sequence of Path
+        Packed fMRI dataset folders (``<store>/fmri/<dataset>``), read by
+        :class:`bh_models.models.data.FmriShardDataset` (split ``train``).
+    scaling : Path
+        The store's robust-scaling statistics (``<store>/scaling.json``).
     geometry : Path
         ROI x mode geometric embedding TSV (``name``, ``mode_001`` ..), rows in atlas order.
     out_checkpoint : Path
@@ -210,9 +218,9 @@ def pretrain_fmri(
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
     store_module = _data()
-    dataset = store_module.FmriShardDataset(Path(store), "train")
+    dataset = store_module.FmriShardDataset(fmri, "train", scaling=Path(scaling))
     if len(dataset) == 0:
-        raise BHInputError(store, "no training fMRI samples in the store", "check the splits and the packed store")
+        raise BHInputError(fmri[0], "no training fMRI samples in the store", "check the splits and the packed store")
     n_rois = int(dataset[0]["x"].shape[0])
     geometry_table = _check_geometry(geometry=Path(geometry), n_rois=n_rois)
     config = model_config(model="harmonix_f", size=model_size, overrides={
@@ -229,7 +237,7 @@ def pretrain_fmri(
         model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=store_module.collate_fmri,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-F (JEPA)", context=context,
-        data_id=data_identity(store=Path(store), modalities=["fmri"], extra=[Path(geometry)]),
+        data_id=data_identity(folders=fmri, scaling=Path(scaling), extra=[Path(geometry)]),
     )
     summary = _summary(result, model, "harmonix_f")
     if context.is_main:
@@ -242,7 +250,7 @@ def pretrain_fmri(
 
 def pretrain_t1(
     *,
-    store: Path,
+    t1: Sequence[Path],
     out_checkpoint: Path,
     out_metrics: Path,
     out_curve: Path,
@@ -265,8 +273,9 @@ def pretrain_t1(
 
     Parameters
     ----------
-    store : Path
-        Packed store folder (``bh_models.models.data.T1ShardDataset(store, "train")``).
+    t1 : sequence of Path
+        Packed T1 dataset folders (``<store>/t1/<dataset>``), read by
+        :class:`bh_models.models.data.T1ShardDataset` (split ``train``).
     out_checkpoint, out_metrics, out_curve : Path
         As for :func:`pretrain_fmri`.
     model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers, threads
@@ -282,9 +291,9 @@ def pretrain_t1(
     """
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
-    dataset = _data().T1ShardDataset(Path(store), "train")
+    dataset = _data().T1ShardDataset(t1, "train")
     if len(dataset) == 0:
-        raise BHInputError(store, "no training T1 volumes in the store", "check the splits and the packed store")
+        raise BHInputError(t1[0], "no training T1 volumes in the store", "check the splits and the packed store")
     overrides = dict(model_overrides or {})
     patch_size = int(overrides.get("patch_size", 16))
     volume_shape = tuple(int(s) for s in dataset[0]["t1"].shape[-3:])
@@ -301,7 +310,7 @@ def pretrain_t1(
         model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=default_collate,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-S (3-D MAE)", context=context,
-        data_id=data_identity(store=Path(store), modalities=["t1"]),
+        data_id=data_identity(folders=t1),
     )
     summary = _summary(result, model, "harmonix_s")
     if context.is_main:
@@ -451,12 +460,13 @@ def encode_latents(
     return z_s, s_mask, z_f, f_mask
 
 
-def _paired_dataset(*, store: Path, split: str, include_unpaired: bool) -> tuple[PairedSamples, Callable]:
+def _paired_dataset(*, fmri: Sequence[Path], t1: Sequence[Path], scaling: Path, split: str,
+                    include_unpaired: bool) -> tuple[PairedSamples, Callable]:
     store_module = _data()
-    table = store_module.paired_samples(Path(store), split)
+    table = store_module.paired_samples(fmri=fmri, t1=t1, split=split)
     dataset = PairedSamples(
-        table=table, fmri=store_module.FmriShardDataset(Path(store), split),
-        t1=store_module.T1ShardDataset(Path(store), split), include_unpaired=include_unpaired,
+        table=table, fmri=store_module.FmriShardDataset(fmri, split, scaling=Path(scaling)),
+        t1=store_module.T1ShardDataset(t1, split), include_unpaired=include_unpaired,
     )
     return dataset, functools.partial(collate_paired, collate_fmri=store_module.collate_fmri)
 
@@ -478,7 +488,9 @@ def pretrain_harmonizer(
     *,
     fmri_checkpoint: Path,
     t1_checkpoint: Path,
-    store: Path,
+    fmri: Sequence[Path],
+    t1: Sequence[Path],
+    scaling: Path,
     geometry: Path,
     out_checkpoint: Path,
     out_metrics: Path,
@@ -505,8 +517,10 @@ def pretrain_harmonizer(
     ----------
     fmri_checkpoint, t1_checkpoint : Path
         Final checkpoints of :func:`pretrain_fmri` and :func:`pretrain_t1`.
-    store : Path
-        Packed store (``paired_samples(store, "train")`` and both datasets).
+    fmri, t1 : sequence of Path
+        Packed fMRI and T1 dataset folders (paired by :func:`bh_models.models.data.paired_samples`).
+    scaling : Path
+        The store's robust-scaling statistics.
     geometry : Path
         The geometry table harmonix-F was trained with (checked).
     out_checkpoint, out_metrics, out_curve : Path
@@ -535,9 +549,10 @@ def pretrain_harmonizer(
         "s_grid": t1_model.config.grid, "n_rois": fmri_model.config.n_rois,
         "include_unpaired": include_unpaired, **(model_overrides or {}),
     })
-    dataset, collate = _paired_dataset(store=Path(store), split="train", include_unpaired=config.include_unpaired)
+    dataset, collate = _paired_dataset(fmri=fmri, t1=t1, scaling=Path(scaling), split="train",
+                                       include_unpaired=config.include_unpaired)
     if len(dataset) == 0:
-        raise BHInputError(store, "no training subjects for the Harmonizer",
+        raise BHInputError(fmri[0], "no training subjects for the Harmonizer",
                            "check the store's pairing, or set include_unpaired")
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
@@ -554,7 +569,7 @@ def pretrain_harmonizer(
         model=model, loss_fn=loss_fn, dataset=dataset, collate_fn=collate, config=train_config,
         model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint), out_metrics=Path(out_metrics),
         out_curve=Path(out_curve), title="Harmonizer (hub tokens)", context=context,
-        data_id=data_identity(store=Path(store), modalities=["fmri", "t1"],
+        data_id=data_identity(folders=[*fmri, *t1], scaling=Path(scaling),
                               extra=[Path(geometry), Path(fmri_checkpoint), Path(t1_checkpoint)]),
     )
     summary = _summary(result, model, "harmonizer")

@@ -19,7 +19,13 @@ import pandas as pd
 
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import read_json, write_json
-from bh_models.core.storeformat import STORE_META_FILE, TEMPORAL_MEANS_FILE, TEMPORAL_SDS_FILE, read_samples_table
+from bh_models.core.storeformat import (
+    INDEX_FILE,
+    STORE_META_FILE,
+    TEMPORAL_MEANS_FILE,
+    TEMPORAL_SDS_FILE,
+    read_samples_table,
+)
 
 __desc__ = (
     "Parcel time series were robust-scaled per ROI, subtracting the median and "
@@ -96,7 +102,7 @@ def fit_robust_scaling(
 
 def compute_scaling(
     *,
-    fmri_indexes: Sequence[Path],
+    fmri: Sequence[Path],
     out_scaling: Path,
     out_scaling_table: Path | None = None,
     split: str = "train",
@@ -108,10 +114,10 @@ def compute_scaling(
 
     Parameters
     ----------
-    fmri_indexes : list of Path
-        ``<store>/fmri/<dataset>/index.tsv`` of every dataset; the packed
-        ``temporal_means.npy``, ``temporal_sds.npy`` and ``index.json`` beside
-        each are read too.
+    fmri : list of Path
+        Packed fMRI dataset folders (``<store>/fmri/<dataset>``) of the
+        pretraining datasets: their ``index.tsv``, ``index.json``,
+        ``temporal_means.npy`` and ``temporal_sds.npy`` are read.
     out_scaling : Path
         JSON with ``rois``, ``median``, ``iqr``, ``n_subjects``, ``datasets``,
         ``split`` and ``floored_rois`` (``<store>/scaling.json``).
@@ -135,7 +141,7 @@ def compute_scaling(
     """
     del threads
     rois, indexes, means, sds = None, [], [], []
-    for path in sorted(map(Path, fmri_indexes)):
+    for path in sorted(Path(folder) / INDEX_FILE for folder in fmri):
         meta = read_json(path.parent / STORE_META_FILE)
         if rois is not None and meta["rois"] != rois:
             raise BHInputError(path, "ROI names differ from the other datasets' stores",

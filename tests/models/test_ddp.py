@@ -35,10 +35,10 @@ def test_two_process_torchrun_job_trains_and_rank0_records(tmp_path):
     models = tmp_path / "results" / "models"
     job = {
         "step": "bh_models.models.pretrain:pretrain_t1", "rule": "pretrain_t1", "wildcards": {},
-        "inputs": {}, "outputs": {"out_checkpoint": str(models / "checkpoint.pt"),
+        "inputs": {"t1": [str(store / "t1" / "synth")]}, "outputs": {"out_checkpoint": str(models / "checkpoint.pt"),
                                   "out_metrics": str(models / "metrics.tsv"),
                                   "out_curve": str(models / "loss_curve.png")},
-        "params": {"store": str(store), "model_size": "tiny", "steps": 4, "batch_size": 2, "lr": 1e-3,
+        "params": {"model_size": "tiny", "steps": 4, "batch_size": 2, "lr": 1e-3,
                    "seed": 3, "checkpoint_every": 2},
         "config": {"results_dir": str(tmp_path / "results"), "seed": 3}, "threads": 1,
         "log_file": str(tmp_path / "results" / "logs" / "pretrain_t1.log"),

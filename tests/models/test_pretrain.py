@@ -65,7 +65,8 @@ def synthetic_t1(subject: int) -> torch.Tensor:
     return torch.tensor(volume, dtype=torch.float32)[None]  # (1, X, Y, Z)
 
 
-def build_store(root: Path) -> Path:
+def build_store(root: Path) -> dict:
+    """The stand-in store: one items file, and the dataset folders and scaling file the steps are given."""
     fmri, t1 = [], []
     for label, (split, has_fmri, has_t1) in SUBJECTS.items():
         number = int(label)
@@ -79,14 +80,16 @@ def build_store(root: Path) -> Path:
         if has_t1:
             t1.append({"t1": synthetic_t1(number), "subject": label, "dataset": "synth",
                        "sample_id": f"synth_sub-{label}_T1w", "split": split})
-    root.mkdir(parents=True, exist_ok=True)
+    for modality in ("fmri", "t1"):
+        (root / modality / "synth").mkdir(parents=True, exist_ok=True)
     torch.save({"fmri": fmri, "t1": t1}, root / "fake_store.pt")
-    return root
+    (root / "scaling.json").write_text("{}")
+    return {"fmri": [root / "fmri" / "synth"], "t1": [root / "t1" / "synth"], "scaling": root / "scaling.json"}
 
 
 class _Items(Dataset):
-    def __init__(self, store_dir: Path, split: str, modality: str) -> None:
-        items = torch.load(Path(store_dir) / "fake_store.pt", weights_only=False)[modality]
+    def __init__(self, folders: list[Path], split: str, modality: str, **_scaling) -> None:
+        items = torch.load(Path(folders[0]).parents[1] / "fake_store.pt", weights_only=False)[modality]
         self.items = [{k: v for k, v in item.items() if k != "split"} for item in items if item["split"] == split]
 
     def __len__(self) -> int:
@@ -108,9 +111,9 @@ def fake_collate_fmri(batch: list[dict]) -> dict:
     return out
 
 
-def fake_paired_samples(store_dir: Path, split: str) -> pd.DataFrame:
-    fmri = _Items(store_dir, split, "fmri").items
-    t1 = {item["subject"]: item["sample_id"] for item in _Items(store_dir, split, "t1").items}
+def fake_paired_samples(*, fmri: list[Path], t1: list[Path], split: str) -> pd.DataFrame:
+    fmri, t1 = _Items(fmri, split, "fmri").items, {
+        item["subject"]: item["sample_id"] for item in _Items(t1, split, "t1").items}
     rows = [(item["subject"], "synth", item["sample_id"], t1.get(item["subject"], pd.NA)) for item in fmri]
     with_fmri = {item["subject"] for item in fmri}
     rows += [(subject, "synth", pd.NA, sample) for subject, sample in t1.items() if subject not in with_fmri]
@@ -155,12 +158,13 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, fake_store_module) -> dic
     for name in ("fmri", "t1", "harmonizer"):
         out[name] = {kind: root / name / f"{name}_{suffix}" for kind, suffix in
                      (("out_checkpoint", "model.pt"), ("out_metrics", "metrics.tsv"), ("out_curve", "loss.png"))}
-    out["fmri_summary"] = pretrain.pretrain_fmri(store=store, geometry=geometry, **out["fmri"], **TRAIN)
+    fmri, t1 = {"fmri": store["fmri"], "scaling": store["scaling"]}, {"t1": store["t1"]}
+    out["fmri_summary"] = pretrain.pretrain_fmri(**fmri, geometry=geometry, **out["fmri"], **TRAIN)
     # The MAE decoder's 4,096-voxel head needs a larger step to move within 40 steps.
-    out["t1_summary"] = pretrain.pretrain_t1(store=store, **out["t1"], **{**TRAIN, "lr": 1e-2})
+    out["t1_summary"] = pretrain.pretrain_t1(**t1, **out["t1"], **{**TRAIN, "lr": 1e-2})
     out["harmonizer_summary"] = pretrain.pretrain_harmonizer(
         fmri_checkpoint=out["fmri"]["out_checkpoint"], t1_checkpoint=out["t1"]["out_checkpoint"],
-        store=store, geometry=geometry, **out["harmonizer"], **{**TRAIN, "lr": 3e-3, "steps": HARMONIZER_STEPS},
+        **store, geometry=geometry, **out["harmonizer"], **{**TRAIN, "lr": 3e-3, "steps": HARMONIZER_STEPS},
     )
     return out
 
@@ -308,7 +312,8 @@ def test_rerun_after_a_kill_resumes_to_identical_weights(pipeline: dict, tmp_pat
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     outputs = {kind: tmp_path / f"fmri_{suffix}" for kind, suffix in
                (("out_checkpoint", "model.pt"), ("out_metrics", "metrics.tsv"), ("out_curve", "loss.png"))}
-    kwargs = dict(store=pipeline["store"], geometry=pipeline["geometry"], **outputs, **TRAIN)
+    kwargs = dict(fmri=pipeline["store"]["fmri"], scaling=pipeline["store"]["scaling"], geometry=pipeline["geometry"],
+                  **outputs, **TRAIN)
     # First attempt dies after step 25 (last checkpoint: step 20) without writing outputs.
     monkeypatch.setattr(pretrain, "train", functools.partial(train_module.train, stop_after=25))
     pretrain.pretrain_fmri(**kwargs)
@@ -326,7 +331,7 @@ def test_harmonizer_refuses_a_different_geometry(pipeline: dict, tmp_path: Path)
     with pytest.raises(BHInputError, match="geometry"):
         pretrain.pretrain_harmonizer(
             fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
-            store=pipeline["store"], geometry=other, out_checkpoint=tmp_path / "h.pt",
+            **pipeline["store"], geometry=other, out_checkpoint=tmp_path / "h.pt",
             out_metrics=tmp_path / "h.tsv", out_curve=tmp_path / "h.png", steps=1, batch_size=2, lr=1e-3, seed=0,
             checkpoint_every=1,
         )
@@ -339,7 +344,8 @@ def test_geometry_rows_must_match_the_store(fake_store_module, tmp_path: Path) -
     table = pd.read_csv(geometry, sep="\t").iloc[:-1]
     table.to_csv(geometry, sep="\t", index=False)
     with pytest.raises(BHInputError, match="ROI rows"):
-        pretrain.pretrain_fmri(store=store, geometry=geometry, out_checkpoint=tmp_path / "f.pt",
+        pretrain.pretrain_fmri(fmri=store["fmri"], scaling=store["scaling"], geometry=geometry,
+                               out_checkpoint=tmp_path / "f.pt",
                                out_metrics=tmp_path / "f.tsv", out_curve=tmp_path / "f.png",
                                steps=1, batch_size=2, lr=1e-3, seed=0, checkpoint_every=1)
 
@@ -349,16 +355,20 @@ def test_data_identity_changes_with_the_packed_data(tmp_path):
     from bh_models.models.pretrain import data_identity
 
     store = tmp_path / "store"
-    (store / "fmri" / "siteA").mkdir(parents=True)
-    (store / "fmri" / "siteA" / "index.tsv").write_text("sample_id\n a\n")
+    folders = [store / "fmri" / "siteA"]
+    folders[0].mkdir(parents=True)
+    (folders[0] / "index.tsv").write_text("sample_id\n a\n")
     (store / "scaling.json").write_text("{}")
-    first = data_identity(store=store, modalities=["fmri"])
-    assert data_identity(store=store, modalities=["fmri"]) == first
+    first = data_identity(folders=folders, scaling=store / "scaling.json")
+    assert data_identity(folders=folders, scaling=store / "scaling.json") == first
     (store / "t1" / "siteA").mkdir(parents=True)  # another modality being packed does not count
     (store / "t1" / "siteA" / "index.tsv").write_text("partial")
-    assert data_identity(store=store, modalities=["fmri"]) == first
-    (store / "fmri" / "siteA" / "index.tsv").write_text("sample_id\n b\n")
-    assert data_identity(store=store, modalities=["fmri"]) != first
+    assert data_identity(folders=folders, scaling=store / "scaling.json") == first
+    (store / "fmri" / "siteB").mkdir()  # nor a dataset the model is not given
+    (store / "fmri" / "siteB" / "index.tsv").write_text("sample_id\n c\n")
+    assert data_identity(folders=folders, scaling=store / "scaling.json") == first
+    (folders[0] / "index.tsv").write_text("sample_id\n b\n")
+    assert data_identity(folders=folders, scaling=store / "scaling.json") != first
 
 
 def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dict, tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_compute_scaling_uses_training_split_only(tmp_path: Path) -> None:
     means_b = np.array([[5.0, 30.0, 0.0], [7.0, 40.0, 0.0]])
     store = tmp_path / "store"
     indexes = [write_store_dataset(store, "dsA", rows_a, means_a), write_store_dataset(store, "dsB", rows_b, means_b)]
-    summary = compute_scaling(fmri_indexes=indexes, out_scaling=store / "scaling.json",
+    summary = compute_scaling(fmri=[i.parent for i in indexes], out_scaling=store / "scaling.json",
                               out_scaling_table=store / "scaling.tsv")
     assert summary == {"n_subjects": 4, "n_floored": 1}  # dsA/01 and dsB/01 are different people
     stats = json.loads((store / "scaling.json").read_text())
@@ -88,12 +88,12 @@ def test_compute_scaling_is_byte_identical_and_checks_atlas(tmp_path: Path) -> N
     rows = [{"subject": f"{i:02d}", "split": "train", "n_frames": 10 + i} for i in range(5)]
     means = np.random.default_rng(1).normal(size=(5, 3))
     index = write_store_dataset(tmp_path / "s", "dsA", rows, means)
-    compute_scaling(fmri_indexes=[index], out_scaling=tmp_path / "a.json")
-    compute_scaling(fmri_indexes=[index], out_scaling=tmp_path / "b.json")
+    compute_scaling(fmri=[index.parent], out_scaling=tmp_path / "a.json")
+    compute_scaling(fmri=[index.parent], out_scaling=tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     other = write_store_dataset(tmp_path / "s", "dsB", rows, means, rois=["x", "y", "z"])
     with pytest.raises(BHInputError, match="ROI names differ"):
-        compute_scaling(fmri_indexes=[index, other], out_scaling=tmp_path / "c.json")
+        compute_scaling(fmri=[index.parent, other.parent], out_scaling=tmp_path / "c.json")
 
 
 def test_robust_scaling_apply_keeps_float32() -> None:

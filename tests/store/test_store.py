@@ -85,9 +85,17 @@ def build_store(inputs: dict, root: Path) -> Path:
     store = root / "store"
     for dataset in DATASETS:
         pack_dataset(inputs, store, dataset, root)
-    compute_scaling(fmri_indexes=sorted(store.glob("fmri/*/index.tsv")), out_scaling=store / "scaling.json",
+    compute_scaling(fmri=sorted(store.glob("fmri/*")), out_scaling=store / "scaling.json",
                     out_scaling_table=store / "scaling.tsv")
     return store
+
+
+def fmri_folders(store: Path) -> list[Path]:
+    return sorted((store / "fmri").iterdir())
+
+
+def t1_folders(store: Path) -> list[Path]:
+    return sorted((store / "t1").iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +125,7 @@ def test_plan_shards_groups_by_split_and_size() -> None:
 def test_fmri_round_trip_is_exact_for_every_sample(inputs: dict, store: Path) -> None:
     seen = 0
     for split in FRACTIONS:
-        data = FmriShardDataset(store, split, scale=False)
+        data = FmriShardDataset(fmri_folders(store), split, scale=False)
         assert data.max_patches == 18
         for i in range(len(data)):
             item, row = data[i], data.index.iloc[i]
@@ -139,7 +147,7 @@ def test_fmri_round_trip_is_exact_for_every_sample(inputs: dict, store: Path) ->
 
 def test_reader_applies_robust_scaling(inputs: dict, store: Path) -> None:
     scaling = load_scaling(store / "scaling.json")
-    raw, scaled = FmriShardDataset(store, "val", scale=False), FmriShardDataset(store, "val")
+    raw, scaled = FmriShardDataset(fmri_folders(store), "val", scale=False), FmriShardDataset(fmri_folders(store), "val", scaling=store / "scaling.json")
     for i in range(len(raw)):
         n = raw.index.loc[i, "n_frames"]
         want = (raw[i]["x"][:, :n].numpy() - scaling.median[:, None]) / scaling.iqr[:, None]
@@ -171,11 +179,11 @@ def test_adding_a_dataset_leaves_other_shards_untouched(inputs: dict, tmp_path: 
     pack_dataset(inputs, store, "dsB", tmp_path)
     for path, (mtime, inode, content) in before.items():
         assert (path.stat().st_mtime_ns, path.stat().st_ino, path.read_bytes()) == (mtime, inode, content), path
-    assert sorted(read_index(store_dir=store, modality="fmri")["dataset"].unique()) == ["dsA", "dsB"]
+    assert sorted(read_index(folders=fmri_folders(store))["dataset"].unique()) == ["dsA", "dsB"]
 
 
 def test_no_subject_in_two_splits_across_variants_and_modalities(store: Path) -> None:
-    rows = pd.concat([read_index(store_dir=store, modality=m) for m in ("fmri", "t1")], ignore_index=True)
+    rows = pd.concat([read_index(folders=sorted((store / m).iterdir())) for m in ("fmri", "t1")], ignore_index=True)
     assert rows.groupby(["dataset", "subject"])["split"].nunique().max() == 1
     keys = {s: set(zip(*[rows.loc[rows["split"] == s, c] for c in ("dataset", "subject")])) for s in FRACTIONS}
     assert not (keys["train"] & keys["val"] or keys["train"] & keys["test"] or keys["val"] & keys["test"])
@@ -185,17 +193,17 @@ def test_t1_round_trip_and_pairing(inputs: dict, store: Path) -> None:
     sources = {(dataset, p.name): p for dataset in DATASETS for p in inputs[dataset][1]}
     n_t1 = 0
     for split in FRACTIONS:
-        data = T1ShardDataset(store, split)
+        data = T1ShardDataset(t1_folders(store), split)
         for i in range(len(data)):
             item = data[i]
             assert item["t1"].shape == (1, *T1_SHAPE) and item["t1"].dtype == torch.float32
             source = np.load(sources[data.index.loc[i, "dataset"], data.index.loc[i, "source_file"]])
             assert np.array_equal(item["t1"][0].numpy(), source)
             n_t1 += 1
-        pairs = paired_samples(store, split)
+        pairs = paired_samples(fmri=fmri_folders(store), t1=t1_folders(store), split=split)
         assert list(pairs.columns) == ["subject", "dataset", "fmri_sample_id", "t1_sample_id"]
-        fmri = read_index(store_dir=store, modality="fmri", split=split)
-        t1 = read_index(store_dir=store, modality="t1", split=split)
+        fmri = read_index(folders=fmri_folders(store), split=split)
+        t1 = read_index(folders=t1_folders(store), split=split)
         assert sorted(pairs["fmri_sample_id"].dropna()) == sorted(fmri["sample_id"])
         for row in pairs.dropna().itertuples():
             assert row.t1_sample_id == f"{row.dataset}_sub-{row.subject}_T1w"
@@ -204,13 +212,13 @@ def test_t1_round_trip_and_pairing(inputs: dict, store: Path) -> None:
         assert set(t1_only["t1_sample_id"]) == set(t1["sample_id"]) - set(pairs["t1_sample_id"].dropna()[
             pairs["fmri_sample_id"].notna()])
     assert n_t1 == 7
-    everything = pd.concat([paired_samples(store, s) for s in FRACTIONS])
+    everything = pd.concat([paired_samples(fmri=fmri_folders(store), t1=t1_folders(store), split=s) for s in FRACTIONS])
     assert ("dsA", "07") in set(zip(everything["dataset"], everything["subject"]))  # T1-only subject
     assert everything[everything["subject"] == "05"]["t1_sample_id"].isna().all()  # fMRI-only subjects
 
 
 def test_collate_and_dataloader_workers(store: Path) -> None:
-    data = FmriShardDataset(store, "train")
+    data = FmriShardDataset(fmri_folders(store), "train", scaling=store / "scaling.json")
     loader = DataLoader(data, batch_size=4, shuffle=True, collate_fn=collate_fmri, num_workers=1,
                         generator=torch.Generator().manual_seed(0))
     seen = []
@@ -248,7 +256,9 @@ def test_bad_inputs_are_named(inputs: dict, tmp_path: Path) -> None:
     with pytest.raises(BHInputError, match="has no split"):
         pack_fmri(samples=samples, timeseries=timeseries, splits=other, out_dir=tmp_path / "o")
     with pytest.raises(BHInputError, match="no packed fMRI"):
-        FmriShardDataset(tmp_path / "nothing", "train")
+        FmriShardDataset([], "train")
+    with pytest.raises(BHInputError, match="not a packed dataset folder"):
+        FmriShardDataset([tmp_path / "nothing"], "train", scale=False)
     with pytest.raises(BHInputError, match="scaling statistics are missing"):
         load_scaling(tmp_path / "scaling.json")
 
@@ -265,7 +275,7 @@ def test_derivative_readers_give_the_packed_items(inputs: dict, store: Path, tmp
     direct = FmriTableDataset(samples=samples, timeseries=timeseries, scaling=store / "scaling.json")
     packed = {}
     for split in ("train", "val", "test"):
-        dataset = FmriShardDataset(store, split)
+        dataset = FmriShardDataset(fmri_folders(store), split, scaling=store / "scaling.json")
         packed.update({dataset[i]["sample_id"]: dataset[i] for i in range(len(dataset))
                        if dataset[i]["dataset"] == "dsA"})
     assert len(direct) == len(packed) > 0
@@ -278,7 +288,7 @@ def test_derivative_readers_give_the_packed_items(inputs: dict, store: Path, tmp
     t1 = T1TensorDataset(t1_tensors=tensors, dataset="dsA")
     packed_t1 = {}
     for split in ("train", "val", "test"):
-        dataset = T1ShardDataset(store, split)
+        dataset = T1ShardDataset(t1_folders(store), split)
         packed_t1.update({dataset[i]["sample_id"]: dataset[i] for i in range(len(dataset))
                           if dataset[i]["dataset"] == "dsA"})
     assert sorted(t1.index["sample_id"]) == sorted(packed_t1)
