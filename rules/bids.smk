@@ -12,7 +12,6 @@ rule index_dataset:
     params:
         step="bh_models.bids.cohort:write_index",
         dataset=lambda w: w.dataset,
-        bids_root=lambda w: dataset_entry(w)["bids_root"],
         filters=lambda w: dataset_entry(w)["filters"],
         tr_override=lambda w: dataset_entry(w)["tr_override"],
         exclude_subjects=lambda w: dataset_entry(w)["exclude_subjects"],

@@ -39,7 +39,7 @@ SEED = config["seed"]
 SPACE = config["template"]["name"]
 RES = config["template"]["resolution"]
 NETWORKS = config["atlas"]["networks"]
-ATLAS = f"atlas-Schaefer2018_seg-{{networks}}n_scale-{config['atlas']['parcels']}"
+ATLAS = f"atlas-{config['atlas']['name']}_seg-{{networks}}n_scale-{config['atlas']['parcels']}"
 SURFACE = "tpl-fsLR_den-32k"
 # The 400 x M eigenmode matrix in the configured network order (harmonix-F input).
 GEOMETRY_MATRIX = f"{GEOMETRY}/{SURFACE}_{ATLAS.format(networks=NETWORKS)}_desc-LBO_embedding.tsv"
@@ -147,7 +147,7 @@ def final_targets():
     """Every end product except the audit, which checks them all."""
     targets = [*rules.boilerplate.output, rules.exclusion_table.output.out_tsv]
     if not EXTERNAL_BUNDLE:
-        targets += [rules.geometry_plot.output.out_figure,
+        targets += [rules.geometry_plot.output.out_figure, rules.geometry_description.output.out_description,
                     *expand(rules.geometry_project.output, networks=[7, 17]), *rules.make_bundle.output]
     for dataset in DATASETS:
         targets += expand([*rules.index_dataset.output, rules.dataset_description.output.out_description,

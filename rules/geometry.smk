@@ -16,7 +16,7 @@ rule geometry_eigenmodes:
         log_path("geometry_eigenmodes", "hemi-{hemi}"),
     wildcard_constraints:
         hemi="L|R",
-    threads: 2
+    threads: 1  # the eigensolver runs on one BLAS thread (byte-identical modes)
     resources:
         mem_mb=2000,
         runtime=15,
@@ -67,6 +67,23 @@ rule geometry_plot:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule geometry_description:
+    output:
+        out_description=f"{GEOMETRY}/dataset_description.json",
+    params:
+        step="bh_models.geometry.eigenmodes:geometry_description",
+    log:
+        log_path("geometry_description", "all"),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
     conda:
         ENV
     script:

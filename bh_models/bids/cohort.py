@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bh_models.bids.index import BidsIndex, Filters, bold_stem, index_dataset
+from bh_models.core.jsonio import write_tsv
 
 
 @dataclass
@@ -88,7 +89,6 @@ def write_index(
     out_subjects: Path,
     out_problems: Path,
     dataset: str,
-    bids_root: str,
     filters: dict | None = None,
     tr_override: float | None = None,
     exclude_subjects: list[str] | None = None,
@@ -96,8 +96,20 @@ def write_index(
 ) -> dict:
     """Step function: write a dataset's run, subject and problem tables.
 
-    Paths in the tables are relative to the BIDS root, so the tables do not
-    depend on where the dataset is mounted.
+    Parameters
+    ----------
+    dataset_description : Path
+        The raw dataset's ``dataset_description.json``: its folder is the BIDS
+        root indexed (the rule's input, so Snakemake tracks it).
+    out_runs, out_subjects, out_problems : Path
+        The three tables. Paths in them are relative to the BIDS root, so the
+        tables do not depend on where the dataset is mounted.
+    dataset : str
+        Dataset name (config key).
+    filters, tr_override, exclude_subjects
+        The dataset's config entries of the same names.
+    threads : int
+        Unused.
     """
     root = Path(dataset_description).parent.resolve()
     plan = plan_dataset(dataset, {"bids_root": str(root), "filters": filters or {}, "tr_override": tr_override,
@@ -108,9 +120,7 @@ def write_index(
         frame["path"] = [str(Path(p).resolve().relative_to(root)) if p else p for p in frame["path"]]
         return frame
 
-    for path in (out_runs, out_subjects, out_problems):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    rel(plan.index.runs).to_csv(out_runs, sep="\t", index=False, na_rep="n/a")
-    plan.index.subjects.to_csv(out_subjects, sep="\t", index=False, na_rep="n/a")
-    rel(plan.problems).to_csv(out_problems, sep="\t", index=False, na_rep="n/a")
+    write_tsv(rel(plan.index.runs), out_runs, na_rep="n/a")
+    write_tsv(plan.index.subjects, out_subjects, na_rep="n/a")
+    write_tsv(rel(plan.problems), out_problems, na_rep="n/a")
     return {"subjects": len(plan.index.subjects), "bold_runs": len(plan.bold), "problems": len(plan.problems)}

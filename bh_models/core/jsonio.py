@@ -74,6 +74,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_tsv(frame: Any, path: str | os.PathLike, **to_csv: Any) -> Path:
+    """Write a pandas DataFrame as TSV atomically (``index=False``, "\n" line ends unless given)."""
+    path = Path(path)
+    atomic_write_text(path, frame.to_csv(sep="\t", index=False, **{"lineterminator": "\n", **to_csv}))
+    return path
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON sidecar of a data file: same name, extension replaced by .json."""
     path = Path(path)

@@ -914,3 +914,23 @@ def plot_eigenmodes(
         values[hemi] = array[:, [m - 1 for m in modes]]   # (n_vertices, len(modes))
     plot_modes_on_surface(meshes=meshes, values=values, mode_numbers=list(modes), out_png=Path(out_figure))
     return {"modes": list(modes)}
+
+
+def geometry_description(*, out_description: Path, threads: int = 1) -> dict:
+    """Step function: the ``dataset_description.json`` of the ``bh-geometry`` derivative dataset.
+
+    Its sources are the reference files shipped in ``bh_models/data``: the
+    fsLR-32k midthickness surfaces (Conte69, as distributed by BrainSpace) and
+    the Schaefer-400 parcellation (CBIG).
+    """
+    del threads
+    from bh_models import __version__
+    from bh_models.core.provenance import code_url, write_dataset_description
+
+    write_dataset_description(
+        path=Path(out_description), name="bh-geometry", pipeline_version=__version__, code_url=code_url(),
+        source_datasets=["doi:10.1038/s42003-020-0794-7", "doi:10.1093/cercor/bhx179"],
+        description="Laplace-Beltrami eigenmodes of the fsLR-32k midthickness (LaPy) and their "
+                    "Schaefer-400 parcel averages",
+    )
+    return {"dataset": "bh-geometry"}

@@ -23,8 +23,7 @@ from bh_models.core.errors import BHInputError
 
 __desc__ = (
     "For fine-tuning, the frozen harmonix-S and harmonix-F tokens of every sample were "
-    "computed once and the Harmonizer (without decoders) with a linear head on the mean hub "
-    "token was trained end to end."
+    "computed once and packed."
 )
 
 LATENTS_FORMAT = "bh-latents-1"

@@ -11,9 +11,9 @@ A module whose sentence depends on the run in other ways may instead define
 Citations are matched in the text as ``Author et al. YEAR`` and listed with
 their full references (:data:`CITATIONS`).
 
-Modules are imported defensively: a module that is absent or fails to import is
-skipped (and listed by :func:`collect_descriptions`), so the boilerplate can be
-built while the pipeline grows.
+Every listed module must import: one that fails stops the boilerplate with an
+error naming the module and its cause, rather than silently dropping its
+methods sentence.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Evaluation", ("bh_models.evaluation.targets", "bh_models.evaluation.evaluate")),
 )
 
-#: The pipeline's processing modules; :func:`collect_descriptions` lists those not importable yet.
+#: The pipeline's processing modules: each must have a ``__desc__`` (tested).
 REQUIRED_MODULES = (
     "bh_models.core.templates",
     "bh_models.anat.preprocess",
@@ -256,26 +256,34 @@ class Descriptions:
     """``__desc__`` strings found, in section order, and what is still lacking."""
 
     by_section: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)  # title, (module, desc)
-    missing: list[str] = field(default_factory=list)  # in REQUIRED_MODULES but not importable (yet)
-    undescribed: list[str] = field(default_factory=list)  # in SECTIONS, importable, no __desc__
+    undescribed: list[str] = field(default_factory=list)  # in SECTIONS, no __desc__
 
 
-def _import(name: str) -> ModuleType | None:
+class BoilerplateError(RuntimeError):
+    """A processing module could not give its methods sentence (the message names it and the cause)."""
+
+
+def _import(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - modules are written concurrently; skip one until it imports
-        return None
+    except Exception as exc:  # any import failure: name the module, keep the cause
+        raise BoilerplateError(f"methods boilerplate: module {name} failed to import ({type(exc).__name__}: "
+                               f"{exc}); fix that module, its methods sentence cannot be left out") from exc
 
 
 def _package_modules(package: str) -> list[str]:
     module = _import(package)
-    if module is None or not hasattr(module, "__path__"):
+    if not hasattr(module, "__path__"):
         return []
-    found = pkgutil.walk_packages(module.__path__, prefix=f"{package}.", onerror=lambda _: None)
+
+    def failed(name: str) -> None:
+        _import(name)  # re-raises the failure with the module named
+
+    found = pkgutil.walk_packages(module.__path__, prefix=f"{package}.", onerror=failed)
     return sorted(info.name for info in found)
 
 
-def _desc_of(module: ModuleType | None) -> str | None:
+def _desc_of(module: ModuleType) -> str | None:
     desc = getattr(module, "__desc__", None)
     return " ".join(desc.split()) if isinstance(desc, str) and desc.strip() else None
 
@@ -288,8 +296,13 @@ def collect_descriptions() -> Descriptions:
     Descriptions
         Sentences per section in :data:`SECTIONS` order (``bh_models.models.nn.*`` in
         name order), then any other ``bh_models`` module that has a
-        ``__desc__`` under :data:`OTHER_SECTION`; plus the required modules
-        that cannot be imported and the listed ones without a ``__desc__``.
+        ``__desc__`` under :data:`OTHER_SECTION`; plus the listed modules
+        without a ``__desc__``.
+
+    Raises
+    ------
+    BoilerplateError
+        When a module fails to import, naming it and the cause.
     """
     found = Descriptions()
     placed: set[str] = set()
@@ -303,9 +316,7 @@ def collect_descriptions() -> Descriptions:
                 desc = _desc_of(module)
                 if desc:
                     sentences.append((name, desc))
-                elif module is None and name in REQUIRED_MODULES:
-                    found.missing.append(name)
-                elif module is not None and name != "bh_models.models.nn":  # a package __init__ need not describe
+                elif name != "bh_models.models.nn":  # a package __init__ need not describe
                     found.undescribed.append(name)
         found.by_section.append((title, sentences))
     others = [(n, d) for n in _package_modules("bh_models") if n not in placed and (d := _desc_of(_import(n)))]
@@ -331,8 +342,9 @@ def _module_text(name: str, desc: str, config: Mapping[str, Any]) -> str:
     if callable(describe):
         try:
             return " ".join(str(describe(config=config)).split())
-        except Exception:  # noqa: BLE001 - a failing hook must not lose the sentence
-            pass
+        except Exception as exc:  # any failure of a module's hook: name it, keep the cause
+            raise BoilerplateError(f"methods boilerplate: {name}.describe_methods failed ({type(exc).__name__}: "
+                                   f"{exc}); fix the hook or the config it reads") from exc
     return fill_placeholders(text=desc, config=config, module=module)
 
 

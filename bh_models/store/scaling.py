@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from bh_models.core.errors import BHConfigError, BHInputError
-from bh_models.core.jsonio import read_json, write_json
+from bh_models.core.jsonio import read_json, write_json, write_tsv
 from bh_models.core.storeformat import (
     INDEX_FILE,
     STORE_META_FILE,
@@ -171,6 +171,5 @@ def compute_scaling(
     })
     if out_scaling_table is not None:
         table = pd.DataFrame({"roi": rois, "median": median, "iqr": iqr})
-        Path(out_scaling_table).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out_scaling_table, sep="\t", index=False, float_format="%.8g", lineterminator="\n")
+        write_tsv(table, out_scaling_table, float_format="%.8g")
     return {"n_subjects": len(subjects), "n_floored": int(floored.sum())}

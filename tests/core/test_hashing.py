@@ -48,7 +48,7 @@ def test_canonical_json_hash_ignores_key_order_not_values():
 
 
 def test_canonical_json_hash_matches_config_module():
-    config = pytest.importorskip("bh_models.core.config")
+    from bh_models.core import config
     obj = {"datasets": {"siteA": {"bids_root": "demo_data/siteA"}}, "seed": 42, "name": "Mölder"}
     assert canonical_json_sha256(obj=obj) == config.config_hash(obj)
 

@@ -76,8 +76,32 @@ def test_processing_modules_describe_themselves():
     found = collect_descriptions()
     described = {name for _, sentences in found.by_section for name, _ in sentences}
     assert "bh_models.core.templates" in described
-    assert found.undescribed == []  # every listed module that imports has a __desc__
-    assert set(found.missing) <= set(REQUIRED_MODULES)
+    assert found.undescribed == []  # every listed module has a __desc__
+    assert set(REQUIRED_MODULES) <= {name for _, sentences in found.by_section for name, _ in sentences} | {
+        "bh_models.models.nn"}
+
+
+def test_a_module_that_fails_to_import_is_named_not_skipped(monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(boilerplate, "SECTIONS", (("Broken", ("bh_models.does_not_exist",)),))
+    with pytest.raises(boilerplate.BoilerplateError, match=r"module bh_models\.does_not_exist failed to import "
+                                                            r"\(ModuleNotFoundError"):
+        collect_descriptions()
+
+
+def test_a_failing_methods_hook_is_named(monkeypatch):
+    import pytest
+
+    from bh_models.func import confounds
+
+    def broken(*, config):
+        raise KeyError("func")
+
+    monkeypatch.setattr(confounds, "describe_methods", broken)
+    with pytest.raises(boilerplate.BoilerplateError, match=r"bh_models\.func\.confounds\.describe_methods failed "
+                                                            r"\(KeyError"):
+        boilerplate.build_boilerplate(config=CONFIG)
 
 
 def test_deepbet_is_cited_only_when_used(monkeypatch):

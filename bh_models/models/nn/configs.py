@@ -165,28 +165,3 @@ def config_from_dict(data: dict[str, Any]) -> Any:
     kind = values.pop("kind")
     cls = CONFIG_CLASSES[kind]
     return replace_fields(cls(), values)
-
-
-# Readable factory aliases, one per model and size (the models_mae.py convention).
-def harmonix_f_tiny() -> HarmonixFConfig:
-    return model_config(model="harmonix_f", size="tiny")
-
-
-def harmonix_f_base() -> HarmonixFConfig:
-    return model_config(model="harmonix_f", size="base")
-
-
-def harmonix_s_tiny() -> HarmonixSConfig:
-    return model_config(model="harmonix_s", size="tiny")
-
-
-def harmonix_s_base() -> HarmonixSConfig:
-    return model_config(model="harmonix_s", size="base")
-
-
-def harmonizer_tiny() -> HarmonizerConfig:
-    return model_config(model="harmonizer", size="tiny")
-
-
-def harmonizer_base() -> HarmonizerConfig:
-    return model_config(model="harmonizer", size="base")

@@ -12,6 +12,11 @@ from torch import Tensor, nn
 from bh_models.models.latents import unpack_latents
 from bh_models.models.nn.harmonizer import Harmonizer
 
+__desc__ = (
+    "Fine-tuning trained the Harmonizer without its decoders, with a linear head on the mean "
+    "output hub token, end to end."
+)
+
 
 class HubClassifier(nn.Module):
     """Pretrained Harmonizer (decoders dropped) + linear head on the mean hub token.

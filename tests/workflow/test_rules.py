@@ -1,0 +1,160 @@
+"""Every rule against its step function, and the DAG under every config option that changes it.
+
+The rules are read through Snakemake's API (the parsed workflow's Rule objects),
+for each configuration in :data:`VARIANTS`: the named inputs, outputs and params
+a rule passes must be keyword parameters of the function its ``params.step``
+names, and every required parameter must be passed. A dry run of each
+configuration (``snakemake -n``, as a user types it) must plan the rules that
+configuration turns on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bh_models.core.step import DEPENDENCY_PREFIX, resolve
+from tests.conftest import write_bids
+from workflow_utils import REPO, make_workdir, snakemake
+
+
+def _finetune(config):
+    config["evaluate"]["finetune"] = {"enabled": True}
+
+
+def _networks_17(config):
+    config["atlas"]["networks"] = 17
+
+
+def _ants(config):
+    config["anat"]["skullstrip"] = "ants"
+
+
+def _fd_threshold(config):
+    config["func"]["fd_threshold"] = 0.5
+
+
+def _one_dataset(config):
+    config["datasets"] = {"siteC": {**config["datasets"]["siteC"], "role": "both"}}
+
+
+def _two_downstream(config):
+    targets = config["datasets"]["siteC"]["targets"]
+    config["datasets"]["siteB"].update(role="downstream", targets=targets)
+
+
+# name -> (edit of the demo config, rules it must plan, rules it must not plan)
+VARIANTS = {
+    "demo": (None, {"make_bundle", "extract_embeddings", "evaluate_dataset"}, {"extract_latents", "evaluate_pooled"}),
+    "finetune": (_finetune, {"extract_latents"}, set()),
+    "networks-17": (_networks_17, {"func_preprocess"}, set()),
+    "ants-skullstrip": (_ants, {"anat_preprocess"}, set()),
+    "fd-threshold": (_fd_threshold, {"func_preprocess"}, set()),
+    "one-dataset": (_one_dataset, {"pretrain_fmri", "extract_embeddings", "evaluate_dataset"}, {"evaluate_pooled"}),
+    "three-datasets-two-downstream": (_two_downstream, {"evaluate_pooled"}, set()),
+}
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> Path:
+    """Zero-byte BIDS copies of the demo sites' layout: planning never opens an image."""
+    root = tmp_path_factory.mktemp("layout")
+    for site, tr in (("siteA", 0.735), ("siteB", 2.0), ("siteC", 1.5)):
+        write_bids(root / site, {f"{i:02d}": {} for i in range(1, 5)}, top_tr=tr)
+    return root
+
+
+def variant_workdir(root: Path, demo_root: Path, name: str) -> Path:
+    workdir = make_workdir(root / name, demo_root)
+    edit = VARIANTS[name][0]
+    if edit is not None:
+        config = yaml.safe_load((workdir / "config.yaml").read_text())
+        edit(config)
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return workdir
+
+
+def parsed_rules(workdir: Path) -> list:
+    """The workflow's Rule objects for the config in ``workdir``, through Snakemake's API."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
+                                config_settings=ConfigSettings(configfiles=[workdir / "config.yaml"]),
+                                snakefile=REPO / "workflow" / "Snakefile", workdir=workdir)
+        workflow.dag(dag_settings=DAGSettings())  # parses the Snakefile
+        return list(workflow._workflow.rules)
+
+
+def passed_names(rule) -> tuple[set[str], bool]:
+    """Keyword names a rule passes to its step, and whether an ``unpack()`` input adds more."""
+    names = {n for part in (rule.input, rule.output) for n in part._names if not n.startswith(DEPENDENCY_PREFIX)}
+    names |= set(rule.params._names) - {"step"}
+    unpacked = any(getattr(item, "flags", {}).get("unpack") for item in rule.input)
+    return names | {"threads"}, unpacked
+
+
+def contract_problems(rule) -> list[str]:
+    step = rule.params[rule.params._names["step"][0]]
+    parameters = inspect.signature(resolve(step)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return [f"{rule.name}: {step} takes **kwargs, so its contract cannot be checked"]
+    names, unpacked = passed_names(rule)
+    problems = [f"{rule.name}: passes {name!r}, which {step} does not take" for name in sorted(names - set(parameters))]
+    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty}
+    problems += [f"{rule.name}: {step} requires {name!r}, which the rule does not pass"
+                 for name in sorted(required - names)]
+    if unpacked:  # an unpack() input adds named inputs at run time: they must be optional parameters
+        optional = {n for n, p in parameters.items() if p.default is not inspect.Parameter.empty}
+        problems += [] if optional - names else [f"{rule.name}: unpack() input but {step} has no optional input"]
+    return problems
+
+
+@pytest.fixture(scope="module")
+def rules_by_variant(tmp_path_factory, layout) -> dict[str, list]:
+    root = tmp_path_factory.mktemp("variants")
+    return {name: parsed_rules(variant_workdir(root, layout, name)) for name in VARIANTS}
+
+
+def test_every_rule_matches_its_step_function(rules_by_variant):
+    seen, problems = set(), []
+    for rules in rules_by_variant.values():
+        for rule in rules:
+            if "step" in rule.params._names:
+                seen.add(rule.name)
+                problems += contract_problems(rule)
+    assert problems == [], "\n".join(sorted(set(problems)))
+    # Every rule of the rule files has a step, and every one was checked in some variant.
+    defined = {line.split()[1].rstrip(":") for path in (REPO / "rules").glob("*.smk")
+               for line in path.read_text().splitlines() if line.startswith("rule ")}
+    assert seen == defined, defined ^ seen
+
+
+def test_a_contract_violation_is_found(rules_by_variant):
+    """The check reads real signatures: a rule passing an unknown name is reported."""
+    rule = next(r for r in rules_by_variant["demo"] if r.name == "anat_qc_table")
+    rule.params._names["not_a_parameter"] = (len(rule.params), None)
+    rule.params.append(1)
+    try:
+        assert contract_problems(rule) == ["anat_qc_table: passes 'not_a_parameter', which "
+                                           "bh_models.anat.preprocess:anat_qc_table does not take"]
+    finally:
+        del rule.params._names["not_a_parameter"]
+        rule.params.pop()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_dry_run_matrix(name, tmp_path, layout):
+    workdir = variant_workdir(tmp_path, layout, name)
+    plan = snakemake(workdir, "-n", "--cores", "2").stdout
+    jobs = {line.split()[0] for line in plan.split("Job stats:")[1].split("total")[0].splitlines()[2:]
+            if line.strip()}
+    _, must, must_not = VARIANTS[name]
+    assert must <= jobs, must - jobs
+    assert not (must_not & jobs), must_not & jobs
+    if name == "networks-17":
+        assert "seg-17n" in plan and "seg-7n_scale-400_timeseries" not in plan
