@@ -210,6 +210,11 @@ def audit(
     """
     root = _abs(results_dir)
     chain = _load_chain(Path(root), bids_roots)
+    # The audit's own files are being rewritten: an earlier audit job's record of them
+    # (left by a previous invocation, whose outputs Snakemake removed before this rerun)
+    # describes nothing that exists yet.
+    writing = {_abs(p) for p in (out_tsv, out_html) if p is not None}
+    chain.producer = {path: entry for path, entry in chain.producer.items() if path not in writing}
     to_hash = set(chain.producer)
     for job in chain.jobs:
         to_hash.update(path for path, _, _ in job.inputs)

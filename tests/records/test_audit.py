@@ -238,3 +238,17 @@ def test_write_audit_step_counts_statuses(run):
     )
     assert counts == {"missing": 1, "modified": 0, "stale": 0, "orphan": 0, "ok": 6}
     assert (run / "audit" / "a.tsv").is_file() and (run / "audit" / "a.html").is_file()
+
+
+def test_a_rerun_audit_does_not_report_its_own_earlier_outputs(run):
+    """Snakemake removes the audit's outputs before rerunning it; the earlier audit job's record of them
+    must not read as missing (it did when a downstream dataset was added to a finished run)."""
+    outputs = {"out_tsv": ["results/qc/audit.tsv"], "out_html": ["results/qc/audit.html"]}
+    for rel in ("results/qc/audit.tsv", "results/qc/audit.html"):
+        _write(run, rel, b"earlier audit")
+    _job(run, "audit", {}, {"dep_all": [SHARD]}, outputs)
+    for rel in ("results/qc/audit.tsv", "results/qc/audit.html"):
+        (run / rel).unlink()  # what Snakemake does before rerunning the job
+    counts = write_audit(results_dir=run / "results", out_tsv=run / "results/qc/audit.tsv",
+                         out_html=run / "results/qc/audit.html", threads=1)
+    assert counts["missing"] == 0 and counts["ok"] == 7
