@@ -100,6 +100,7 @@ def chain(tmp_path_factory) -> dict:
     return {"move": move, "oblique": first, "lpi": second, "rerun": rerun, "root": out}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, min_dice", [("deepbet", 0.93), ("ants", 0.93)])
 def test_skullstrip_colin27_against_bet(method: str, min_dice: float) -> None:
     from bh_models.anat.registration import limit_itk_threads
@@ -116,6 +117,7 @@ def test_skullstrip_colin27_against_bet(method: str, min_dice: float) -> None:
     assert overlap >= min_dice
 
 
+@pytest.mark.slow
 def test_registration_recovers_random_affine(chain: dict) -> None:
     from bh_models.core.templates import load_template
 
@@ -142,6 +144,7 @@ def test_registration_recovers_random_affine(chain: dict) -> None:
     assert 1500 < meta["TIV_mL"] < 2500
 
 
+@pytest.mark.slow
 def test_native_outputs_keep_world_geometry(chain: dict, tmp_path: Path) -> None:
     _, outs = chain["oblique"]
     raw = nib.load(perturbed_ch2(tmp_path / "sub-01_T1w.nii.gz")[0])
@@ -157,6 +160,7 @@ def test_native_outputs_keep_world_geometry(chain: dict, tmp_path: Path) -> None
     assert outs["out_qc_mask"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_lpi_storage_gives_the_ras_result(chain: dict) -> None:
     from bh_models.anat.skullstrip import dice
 
@@ -178,6 +182,7 @@ def test_lpi_storage_gives_the_ras_result(chain: dict) -> None:
     assert res_lpi["dice"] == pytest.approx(res_ras["dice"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_encoder_tensor(chain: dict) -> None:
     from bh_models.anat.preprocess import TENSOR_CENTRE_MM, tensor_reference
 
@@ -204,6 +209,7 @@ def test_encoder_tensor(chain: dict) -> None:
     np.testing.assert_allclose(centre, TENSOR_CENTRE_MM)
 
 
+@pytest.mark.slow
 def test_rerun_is_byte_identical(chain: dict) -> None:
     _, first = chain["oblique"]
     _, again = chain["rerun"]
@@ -218,6 +224,7 @@ def test_rerun_is_byte_identical(chain: dict) -> None:
     assert meta_a == meta_b
 
 
+@pytest.mark.slow
 def test_qc_table(chain: dict) -> None:
     from bh_models.anat.preprocess import anat_qc_table
 

@@ -347,6 +347,7 @@ def test_labels_are_balanced_and_latents_consistent(cohort):
 # --------------------------------------------------------------------------- determinism and guards
 
 
+@pytest.mark.slow
 def test_same_seed_writes_byte_identical_files(cohort, tmp_path):
     root, _ = cohort
     again = tmp_path / "again"
@@ -375,6 +376,7 @@ def test_refuses_foreign_folders_and_bad_arguments(tmp_path):
         demo.write_demo_cohort(tmp_path / "x", seed=-1)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_cohort(tmp_path, capsys):
     from bh_models.cli import main
 

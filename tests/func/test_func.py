@@ -215,6 +215,7 @@ def _run_in_fresh_process(subject: dict, folder: Path) -> None:
                    env={**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2"})  # as the runner sets it
 
 
+@pytest.mark.slow
 def test_two_runs_write_identical_bytes(subject, tmp_path):
     """Two jobs with the same inputs write byte-identical TSV, JSON and PNG files (seed 0 included)."""
     _run_in_fresh_process(subject, tmp_path / "a")

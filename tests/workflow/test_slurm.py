@@ -25,6 +25,9 @@ import pytest
 
 from workflow_utils import REPO, results_manifest, sha256_file, snakemake
 
+# Runs the demo workflow (or SLURM): the slow tier.
+pytestmark = pytest.mark.slow
+
 SLURM_ARGS = ("--profile", "slurm", "--workflow-profile", str(REPO / "tests" / "slurm" / "profile"))
 
 

@@ -24,6 +24,9 @@ import pytest
 from bh_models.demo.recovery import recovery_table
 from workflow_utils import REPO, make_workdir, manifest, results_manifest, sha256_file, snakemake
 
+# Runs the demo workflow (or SLURM): the slow tier.
+pytestmark = pytest.mark.slow
+
 RULES = ["index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table", "func_preprocess",
          "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "augment_samples",
          "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
