@@ -109,7 +109,7 @@ from bh_models.core.templates import (
 )
 
 __desc__ = (
-    "The demo cohort was simulated with bh_models.demo.cohort: two pretraining sites (TR 0.735 s "
+    "The demo cohort was simulated with bh_models.demo: two pretraining sites (TR 0.735 s "
     "and 2.0 s) and a downstream site (TR 1.5 s) whose T1w images are the MNI152NLin2009cAsym brain inside a "
     "synthetic head under a random per-subject affine, bias field and Rician "
     "noise, and whose rest BOLD runs carry band-passed (0.01-0.1 Hz) "
@@ -118,7 +118,7 @@ __desc__ = (
     "continuous score drives Somatomotor amplitude and grey-matter contrast."
 )
 
-GENERATOR_NAME = "bh_models.demo.cohort"
+GENERATOR_NAME = "bh_models.demo"  # recorded in every demo dataset's GeneratedBy
 TASK = "rest"
 NETWORKS = 7
 PERCENT_PER_UNIT = 2.0        # BOLD percent signal change of a unit-variance parcel series
