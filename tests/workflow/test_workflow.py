@@ -226,12 +226,12 @@ def test_a_bundle_trained_on_other_inputs_is_refused_before_any_job(reference_ru
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config.update(datasets={"siteC": config["datasets"]["siteC"]},
                   model={"bundle": str(reference_run / "results" / "models")})
-    config["atlas"]["networks"] = 17
+    config["atlas"]["networks"] = 7
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     done = snakemake(workdir, "-n", "--cores", "2", check=False)
     assert done.returncode != 0
     message = done.stdout + done.stderr
-    assert "atlas.networks" in message and "is 17 in this config" in message and "trained with 7" in message
+    assert "atlas.networks" in message and "is 7 in this config" in message and "trained with 17" in message
 
 
 def test_evaluation_covers_every_task_model_and_baseline(reference_run):
