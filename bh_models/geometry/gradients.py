@@ -85,8 +85,11 @@ def diffusion_gradients(*, connectivity: np.ndarray, n_components: int, kernel: 
     maps = GradientMaps(n_components=n_components, approach="dm", kernel=kernel,
                         alignment=None if reference is None else "procrustes", random_state=SOLVER_SEED)
     maps.fit(connectivity, sparsity=sparsity, reference=reference)
-    gradients = maps.gradients_ if reference is None else maps.aligned_[0]
-    return np.asarray(gradients, dtype=np.float64), np.asarray(maps.lambdas_, dtype=np.float64)
+    gradients = np.asarray(maps.gradients_ if reference is None else maps.aligned_, dtype=np.float64)
+    lambdas = np.asarray(maps.lambdas_, dtype=np.float64)
+    if gradients.ndim == 3:  # a list of one aligned matrix (BrainSpace returns lists for list inputs)
+        gradients, lambdas = gradients[0], lambdas.reshape(-1, n_components)[0]
+    return gradients, lambdas
 
 
 def hcp_reference_gradients(*, n_components: int = 30) -> np.ndarray:
