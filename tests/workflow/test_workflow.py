@@ -25,9 +25,9 @@ from bh_models.demo.recovery import recovery_table
 from workflow_utils import REPO, make_workdir, manifest, results_manifest, sha256_file, snakemake
 
 RULES = ["index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table", "func_preprocess",
-         "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "augment_samples",
-         "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
-         "pretrain_harmonizer", "make_bundle", "extract_embeddings", "evaluate_dataset", "exclusion_table",
+         "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "geometry_gradients",
+         "augment_samples", "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
+         "cache_latents", "pretrain_harmonizer", "make_bundle", "extract_embeddings", "evaluate_dataset", "exclusion_table",
          "boilerplate", "audit"]
 # What a new downstream dataset may cost on a finished run: its own preprocessing, sample
 # plan, embedding and evaluation, and the cohort-level tables, methods, report and audit.
@@ -35,7 +35,8 @@ ADDING_A_DOWNSTREAM_DATASET = {"index_dataset", "dataset_description", "anat_pre
                                "func_preprocess", "func_qc_table", "augment_samples", "extract_embeddings",
                                "evaluate_dataset", "exclusion_table", "boilerplate", "audit", "all"}
 PRETRAINING_RULES = {"make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
-                     "pretrain_harmonizer", "make_bundle", "geometry_eigenmodes", "geometry_project"}
+                     "cache_latents", "pretrain_harmonizer", "make_bundle", "geometry_eigenmodes", "geometry_project",
+                     "geometry_gradients"}
 
 
 def test_dry_run_lists_every_rule(tmp_path, demo_root):

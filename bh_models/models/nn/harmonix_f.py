@@ -60,7 +60,7 @@ __desc__ = (
     "index (half the width) and, for the other half, the mean of learned linear maps of the ROI's "
     "{geometry_dim} geometric eigenmodes and {gradient_dim} functional gradients, min-max scaled "
     "to [-1, 1] (as the authors' release), was pretrained with a joint-embedding predictive objective "
-    "(JEPA; EMA target encoder, momentum {ema_start} to {ema_end}; {masking} masks), with padded "
+    "(JEPA; EMA target encoder, momentum {ema_start} to {ema_end}; {fmri_masking} masks), with padded "
     "patches dropped from attention and from the loss."
 )
 

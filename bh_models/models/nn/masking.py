@@ -51,6 +51,13 @@ from torch import Tensor
 
 from bh_models.models.nn.configs import HarmonixFConfig
 
+__desc__ = (
+    "JEPA masks followed Brain-JEPA (Dong et al. 2024): per sample, an observation block of randomly chosen "
+    "ROIs x a run of patches, a cross-ROI target (other random ROIs, whose tokens were all removed from the "
+    "context) and cross-time targets on the first and last patches (removed from the context), block sizes "
+    "shared within a batch."
+)
+
 MASKING_SCHEMES = ("brain_jepa", "block")
 
 
