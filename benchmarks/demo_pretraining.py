@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--networks", type=int, default=7)
     parser.add_argument("--only", choices=["fmri", "t1", "harmonizer", "none"], nargs="*")
     parser.add_argument("--probe", type=Path, help="demo data folder (participants.tsv of the downstream sites)")
+    parser.add_argument("--probe-harmonizer", default="harmonizer", choices=["harmonizer", "harmonizer_real"],
+                        help="which Harmonizer to probe: the config's loss option, or the other one")
     args = parser.parse_args()
     config = check_config(yaml.safe_load((REPO / "config.yaml").read_text()))
     settings = config["pretrain"]
@@ -111,8 +113,8 @@ def probe(*, args, config: dict, out: dict, geometry: Path, gradients: Path, pre
     from bh_models.models.bundle import CHECKPOINTS, make_bundle
     from bh_models.models.embeddings import extract_embeddings
 
-    bundle = args.work / "bundle"
-    for kind, name in zip(CHECKPOINTS, ("fmri", "t1", "harmonizer")):
+    bundle = args.work / f"bundle_{args.probe_harmonizer}"
+    for kind, name in zip(CHECKPOINTS, ("fmri", "t1", args.probe_harmonizer)):
         target = bundle / CHECKPOINTS[kind]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(out[name]["out_checkpoint"], target)
@@ -131,7 +133,8 @@ def probe(*, args, config: dict, out: dict, geometry: Path, gradients: Path, pre
         if entry["role"] not in ("downstream", "both"):
             continue
         derivatives = args.results / "derivatives" / "bh-preproc" / dataset
-        embeddings_out = {key: args.work / "embeddings" / f"{dataset}_{key}.tsv" for key in ("hub", "fmri", "t1")}
+        embeddings_out = {key: bundle.parent / f"embeddings_{args.probe_harmonizer}" / f"{dataset}_{key}.tsv"
+                          for key in ("hub", "fmri", "t1")}
         started = time.perf_counter()
         extract_embeddings(bundle=bundle / "bundle.json", samples=store / "samples" / f"{dataset}_samples.tsv",
                            timeseries=sorted(derivatives.glob(f"sub-*/func/*{tag}*_timeseries.tsv")),
@@ -139,7 +142,7 @@ def probe(*, args, config: dict, out: dict, geometry: Path, gradients: Path, pre
                            out_embeddings=embeddings_out["hub"], out_fmri_embeddings=embeddings_out["fmri"],
                            out_t1_embeddings=embeddings_out["t1"], dataset=dataset, threads=2)
         print(f"extract_embeddings {dataset}: {time.perf_counter() - started:.0f} s")
-        results = args.work / "evaluation" / f"{dataset}_results.tsv"
+        results = bundle.parent / f"evaluation_{args.probe_harmonizer}" / f"{dataset}_results.tsv"
         evaluate_dataset(fused=embeddings_out["hub"], fmri_only=embeddings_out["fmri"], t1_only=embeddings_out["t1"],
                          timeseries=sorted(derivatives.glob(f"sub-*/func/*{tag}*_timeseries.tsv")),
                          participants=args.probe / dataset / "participants.tsv", out_results=results,
