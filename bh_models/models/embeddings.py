@@ -138,9 +138,22 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _network_order(paired: PairedSamples) -> int | None:
+    """The Schaefer-400 order of the fMRI items' ROI columns (None when the reader does not name them)."""
+    from bh_models.core.errors import BHConfigError
+    from bh_models.core.templates import network_order_of
+
+    rois = getattr(paired.fmri, "rois", None)
+    try:
+        return network_order_of(list(rois)) if rois else None
+    except BHConfigError:
+        return None
+
+
 def write_latents(*, paired: PairedSamples, n_patches: int, fmri_model: HarmonixF, t1_model: HarmonixS,
                   out_latents: Path, batch_size: int, device: torch.device, meta: dict[str, Any]) -> Path:
     """Encode every row of ``paired`` once and write them as a latent store (:mod:`bh_models.models.latents`)."""
+    meta = {"atlas_networks": _network_order(paired), **meta}
     n_s = int(np.prod(t1_model.config.grid))
     n_f = fmri_model.config.n_rois * n_patches
     writer = LatentWriter(Path(out_latents), n_rows=len(paired), n_tokens=n_f + n_s, dim=fmri_model.config.embed_dim,

@@ -21,8 +21,9 @@ Format (one folder per dataset, ``bh-latents-2``)
         One line per row: ``row``, ``dataset``, ``subject``, ``fmri_sample_id``,
         ``t1_sample_id`` (empty when missing), ``has_fmri``, ``has_t1``.
     ``latents.json``
-        Format, shapes and token layout (``n_rois``, ``n_patches``, ``s_grid``, ``dim``),
-        the sha256 of the encoder checkpoints that made it, the split it covers.
+        Format, shapes and token layout (``n_rois``, ``n_patches``, ``s_grid``, ``dim``), the
+        Schaefer-400 network order of the fMRI rows (``atlas_networks``), the sha256 of the
+        encoder checkpoints that made it, the split it covers.
 
 Reader API (:class:`LatentStore`)
     ``LatentStore(folder)``; ``len(store)``; ``store[i]`` -> dict with ``tokens``

@@ -18,7 +18,6 @@ with the bundle's pretraining scaling statistics.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -479,17 +478,6 @@ def encode_latents(
             tokens[batch["t1_rows"], n_f:] = t1_model.encode(batch["t1"]).float()  # (b_s, N_S, D)
             mask[batch["t1_rows"], n_f:] = True
     return tokens, mask
-
-
-def _paired_dataset(*, fmri: Sequence[Path], t1: Sequence[Path], scaling: Path, split: str,
-                    include_unpaired: bool) -> tuple[PairedSamples, Callable]:
-    store_module = _data()
-    table = store_module.paired_samples(fmri=fmri, t1=t1, split=split)
-    dataset = PairedSamples(
-        table=table, fmri=store_module.FmriShardDataset(fmri, split, scaling=Path(scaling)),
-        t1=store_module.T1ShardDataset(t1, split), include_unpaired=include_unpaired,
-    )
-    return dataset, functools.partial(collate_paired, collate_fmri=store_module.collate_fmri)
 
 
 def _check_tables(*, fmri_model: HarmonixF, geometry: Path, gradients: Path) -> None:
