@@ -1,11 +1,14 @@
 """Models and pretraining (rules/models.smk): harmonix-F, harmonix-S and the Harmonizer (``nn/``),
-training, the model bundle, embeddings and latent tokens of downstream datasets.
+training, the latent stores, the model bundle, embeddings of downstream datasets, and the
+import of the paper's released checkpoints.
 
-``nn`` holds one architecture per file; ``data`` the torch datasets over the
+``nn`` holds one architecture per file (and the JEPA masks); ``data`` the torch datasets over the
 packed store and over a downstream dataset's derivatives; ``train`` the loop,
 checkpoints and DDP; ``lr_schedule`` the schedule; ``pretrain`` the three
-pretraining steps and the embedding step; ``bundle`` the model bundle;
-``latents`` the packed frozen-encoder tokens and the fine-tuning classifier.
+pretraining steps; ``latents`` the latent-store format, writer and reader (the frozen
+encoders' tokens, computed once); ``embeddings`` the steps that encode datasets
+(``cache_latents``, ``extract_embeddings``, ``extract_latents``); ``bundle`` the model
+bundle; ``official`` ``bh import-official``.
 
 May import: bh_models.core only. It reads the store through the file formats of
 bh_models.core.storeformat.
