@@ -6,7 +6,9 @@ what this cluster lacks (no accounting database: squeue and no account; no
 GPU: the GPU rules ask for gpu: 0 and run on CPU with the tiny configs).
 
 The run starts from a copy of the reference run with the models, the
-evaluation and one subject's preprocessing removed, so per-subject group jobs,
+evaluation and one downstream subject's preprocessing removed (a pretraining
+subject's files are not needed again once the store is packed, so Snakemake
+rightly leaves them alone), so per-subject group jobs,
 cohort jobs and all GPU-rule jobs run under SLURM. The harmonix-F pretraining
 job is scancelled after its first checkpoint; rerunning the same command
 resumes it, and every file ends identical to the uninterrupted reference run.
@@ -28,6 +30,7 @@ from workflow_utils import REPO, results_manifest, sha256_file, snakemake
 # Runs the demo workflow (or SLURM): the slow tier.
 pytestmark = pytest.mark.slow
 
+DOWNSTREAM = "siteC"  # the demo's downstream site: its evaluation needs the removed subject again
 SLURM_ARGS = ("--profile", "slurm", "--workflow-profile", str(REPO / "tests" / "slurm" / "profile"))
 
 
@@ -49,7 +52,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
         shutil.rmtree(results / gone)
     for path in (results / "qc").glob("audit.*"):
         path.unlink()
-    subject = sorted((results / "derivatives" / "bh-preproc" / "siteA").glob("sub-*"))[0]
+    subject = sorted((results / "derivatives" / "bh-preproc" / DOWNSTREAM).glob("sub-*"))[0]
     shutil.rmtree(subject)
     return dst
 
@@ -88,7 +91,7 @@ def test_slurm_run_survives_a_cancelled_pretraining_job(slurm_cluster, reference
     records = workdir / "results" / "provenance"
     fmri = [json.loads(p.read_text()) for p in (records / "pretrain_fmri").glob("*.json")]
     assert len(fmri) == 1 and fmri[0]["slurm_job_id"] not in (None, "", cancelled)
-    grouped = [json.loads(p.read_text()) for p in (records / "anat_preprocess").glob("*siteA*.json")]
+    grouped = [json.loads(p.read_text()) for p in (records / "anat_preprocess").glob(f"*{DOWNSTREAM}*.json")]
     assert any(r["slurm_job_id"] for r in grouped), "per-subject jobs did not run under SLURM"
     log = (workdir / "results" / "logs" / "pretrain_fmri" / "all.log").read_text()
     assert "resum" in log.lower(), log[-2000:]

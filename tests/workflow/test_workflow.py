@@ -174,7 +174,7 @@ def test_demo_shuffled_diagnosis_is_not_found(reference_run, tmp_path):
     participants.parent.mkdir()
     table.assign(diagnosis=shuffled).to_csv(participants, sep="\t", index=False)
     timeseries = sorted((reference_run / "results" / "derivatives" / "bh-preproc" / name).glob(
-        "sub-*/func/*_timeseries.tsv"))
+        "sub-*/func/*_atlas-*_timeseries.tsv"))
     embeddings = reference_run / "results" / "embeddings"
     out = {key: tmp_path / "out" / f"{key}.out" for key in
            ("out_results", "out_predictions", "out_figure_metrics", "out_figure_roc", "out_figure_scatter")}
@@ -197,13 +197,16 @@ def test_a_run_from_a_bundle_needs_no_pretraining(reference_run, demo_root, tmp_
     import yaml
 
     bundle = reference_run / "results" / "models"
-    keep = ["01", "02", "03", "04", "05", "06"]
+    # Three patients and three controls: the smallest class must fill every one of the 3 folds.
+    participants = pd.read_csv(demo_root / "siteC" / "participants.tsv", sep="\t", dtype=str)
+    keep = sorted(label.removeprefix("sub-") for diagnosis in ("patient", "control")
+                  for label in participants.loc[participants["diagnosis"] == diagnosis, "participant_id"][:3])
     subjects = sorted(p.name.removeprefix("sub-") for p in (demo_root / "siteC").glob("sub-*"))
     workdir = make_workdir(tmp_path / "from_bundle", demo_root)
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     site = {**config["datasets"]["siteC"], "exclude_subjects": [s for s in subjects if s not in keep]}
     config.update(datasets={"siteC": site}, model={"bundle": str(bundle)})
-    config["evaluate"].update(n_repeats=1, n_permutations=5)
+    config["evaluate"].update(n_folds=3, n_repeats=1, n_permutations=5)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = _planned_jobs(snakemake(workdir, "-n", "--cores", "2").stdout)
     assert not set(jobs) & PRETRAINING_RULES and jobs["extract_embeddings"] == 1, jobs
