@@ -79,8 +79,9 @@ def reference_stages(tmp_path_factory, demo_root) -> dict:
     finished pretraining run), then the downstream site added to config.yaml and run again.
 
     Returns the run folder, the checkpoints' sha256 after the first stage, the second
-    stage's dry-run plan, and wall times. The result is the whole demo, byte for byte
-    what one clean run writes (``test_sigkilled_clean_run_reruns_to_identical_files``).
+    stage's dry-run plan, and wall times. Its pretraining sites' files and checkpoints are
+    byte for byte what a clean run writes (``test_sigkilled_clean_run_reruns_to_identical_files``),
+    and the downstream site's what a SLURM rerun writes (``test_slurm``).
     """
     import time
 
