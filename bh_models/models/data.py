@@ -20,7 +20,9 @@ from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import read_json
 from bh_models.core.storeformat import (
     STORE_META_FILE,
+    T1_DTYPE,
     RobustScaling,
+    bf16_bits,
     load_scaling,
     read_index,
     read_roi_names,
@@ -32,21 +34,26 @@ from bh_models.core.storeformat import (
 
 
 class _ShardCache:
-    """Memory maps opened lazily, per process: DataLoader workers open their own."""
+    """Memory maps opened lazily, per process: DataLoader workers open their own.
 
-    def __init__(self) -> None:
+    ``mode`` ``"c"`` (copy-on-write) gives writable arrays without copying, so a
+    tensor can wrap a slice of the map directly (nothing ever writes to it).
+    """
+
+    def __init__(self, mode: str = "r") -> None:
         self._maps: dict[str, np.ndarray] = {}
         self._pid = os.getpid()
+        self._mode = mode
 
     def get(self, path: str) -> np.ndarray:
         if self._pid != os.getpid():
             self._maps, self._pid = {}, os.getpid()
         if path not in self._maps:
-            self._maps[path] = np.load(path, mmap_mode="r")
+            self._maps[path] = np.load(path, mmap_mode=self._mode)
         return self._maps[path]
 
     def __getstate__(self) -> dict:
-        return {"_maps": {}, "_pid": None}
+        return {"_maps": {}, "_pid": None, "_mode": self._mode}
 
 
 class FmriShardDataset(Dataset):
@@ -115,10 +122,25 @@ class FmriShardDataset(Dataset):
                 "sample_id": sid, "subject": subject, "dataset": dataset}
 
 
+def t1_tensor(volume: np.ndarray) -> torch.Tensor:
+    """A T1 volume as the models receive it: ``(1, X, Y, Z)`` bfloat16.
+
+    bf16 is how the store keeps T1 volumes (:data:`bh_models.core.storeformat.T1_DTYPE`), so
+    volumes read from derivatives are rounded the same way and a subject gets the same
+    input whichever way it arrives. uint16 arrays are taken as bf16 bits (no copy);
+    float arrays are rounded to nearest even.
+    """
+    bits = volume if volume.dtype == T1_DTYPE else bf16_bits(volume)
+    return torch.from_numpy(bits).view(torch.bfloat16)[None]
+
+
 class T1ShardDataset(Dataset):
     """T1 tensors of one split from the given packed datasets (``<store>/t1/<dataset>`` folders).
 
-    Items are dicts: ``t1`` float32 (1, X, Y, Z); ``subject``, ``dataset``, ``sample_id``, ``session``.
+    Items are dicts: ``t1`` bfloat16 (1, X, Y, Z) wrapping the shard's memory map
+    (no copy; :func:`bh_models.models.train.move_to_device` widens it to float32 on the
+    training device); ``subject``, ``dataset``, ``sample_id``, ``session``. Shards of
+    stores packed in float32 (before bf16 storage) are rounded to bf16 when read.
     """
 
     def __init__(self, folders: Sequence[Path], split: str) -> None:
@@ -127,16 +149,16 @@ class T1ShardDataset(Dataset):
         self._paths = self.index["shard_path"].to_numpy()
         self._row = self.index["row"].to_numpy() if len(self.index) else np.zeros(0, dtype=np.int64)
         self._ids = self.index[["sample_id", "subject", "dataset", "session"]].to_numpy()
-        self._cache = _ShardCache()
+        self._cache = _ShardCache(mode="c")
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        volume = np.array(self._cache.get(self._paths[i])[int(self._row[i])])  # (X, Y, Z), copied out of the map
+        volume = self._cache.get(self._paths[i])[int(self._row[i])]  # (X, Y, Z) view of the map
         sid, subject, dataset, session = self._ids[i]
-        return {"t1": torch.from_numpy(volume)[None], "subject": subject, "dataset": dataset,
-                "sample_id": sid, "session": session}
+        return {"t1": t1_tensor(volume), "subject": subject, "dataset": dataset, "sample_id": sid,
+                "session": session}
 
 
 def _padded_item(*, frames: np.ndarray, n_rois: int, k: int, n_patches: int, max_patches: int,
@@ -241,7 +263,7 @@ class T1TensorDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.index.iloc[i]
         volume = np.load(self._paths[row["source_file"]])  # (X, Y, Z) float32
-        return {"t1": torch.from_numpy(volume)[None], "subject": row["subject"], "dataset": row["dataset"],
+        return {"t1": t1_tensor(volume), "subject": row["subject"], "dataset": row["dataset"],
                 "sample_id": row["sample_id"], "session": row["session"]}
 
 

@@ -180,7 +180,12 @@ def pretrain_fmri(
     min_lr: float = 1e-5,
     weight_decay: float = 0.05,
     grad_clip: float = 1.0,
+    lr_scaling: str = "none",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int = 2,
     model_overrides: dict[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
@@ -203,8 +208,15 @@ def pretrain_fmri(
         Loss-curve PNG.
     model_size : str
         ``tiny`` (CPU demo) or ``base`` (paper, ViT-B).
-    steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers
+    steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip
         Optimisation (see :class:`bh_models.models.train.TrainConfig`); ``batch_size`` is per process.
+    lr_scaling : str
+        ``linear``: the peak learning rate is ``lr x batch_size x grad_accum x processes / 256``;
+        ``none``: ``lr`` is the peak.
+    activation_checkpointing, compile : bool
+        Recompute block activations in the backward pass; ``torch.compile`` the model.
+    num_workers, pin_memory, prefetch_factor
+        Data loading: worker processes, page-locked batches (CUDA), batches loaded ahead per worker.
     model_overrides : dict, optional
         Fields of :class:`~bh_models.models.nn.configs.HarmonixFConfig` to override.
     threads : int
@@ -229,7 +241,8 @@ def pretrain_fmri(
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
         grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr=min_lr, weight_decay=weight_decay,
-        grad_clip=grad_clip, num_workers=num_workers,
+        grad_clip=grad_clip, lr_scaling=lr_scaling, activation_checkpointing=activation_checkpointing,
+        compile=compile, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )
     seed_everything(seed)
     model = HarmonixF(config, geometry_table)
@@ -265,7 +278,12 @@ def pretrain_t1(
     min_lr: float = 1e-5,
     weight_decay: float = 0.05,
     grad_clip: float = 1.0,
+    lr_scaling: str = "none",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int = 2,
     model_overrides: dict[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
@@ -278,7 +296,9 @@ def pretrain_t1(
         :class:`bh_models.models.data.T1ShardDataset` (split ``train``).
     out_checkpoint, out_metrics, out_curve : Path
         As for :func:`pretrain_fmri`.
-    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers, threads
+    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip
+        As for :func:`pretrain_fmri`.
+    lr_scaling, activation_checkpointing, compile, num_workers, pin_memory, prefetch_factor, threads
         As for :func:`pretrain_fmri`.
     model_overrides : dict, optional
         Fields of :class:`~bh_models.models.nn.configs.HarmonixSConfig`; ``img_size`` defaults to
@@ -302,7 +322,8 @@ def pretrain_t1(
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
         grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr=min_lr, weight_decay=weight_decay,
-        grad_clip=grad_clip, num_workers=num_workers,
+        grad_clip=grad_clip, lr_scaling=lr_scaling, activation_checkpointing=activation_checkpointing,
+        compile=compile, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )
     seed_everything(seed)
     model = HarmonixS(config)
@@ -506,7 +527,12 @@ def pretrain_harmonizer(
     min_lr: float = 1e-5,
     weight_decay: float = 0.05,
     grad_clip: float = 1.0,
+    lr_scaling: str = "none",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int = 2,
     include_unpaired: bool = True,
     model_overrides: dict[str, Any] | None = None,
     threads: int = 1,
@@ -528,7 +554,9 @@ def pretrain_harmonizer(
     include_unpaired : bool
         Also train on subjects with one modality (the other is masked; see
         :mod:`bh_models.models.nn.harmonizer`).
-    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers, threads
+    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip
+        As for :func:`pretrain_fmri`.
+    lr_scaling, activation_checkpointing, compile, num_workers, pin_memory, prefetch_factor, threads
         As for :func:`pretrain_fmri`.
     model_overrides : dict, optional
         Fields of :class:`~bh_models.models.nn.configs.HarmonizerConfig`.
@@ -557,7 +585,8 @@ def pretrain_harmonizer(
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
         grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr=min_lr, weight_decay=weight_decay,
-        grad_clip=grad_clip, num_workers=num_workers,
+        grad_clip=grad_clip, lr_scaling=lr_scaling, activation_checkpointing=activation_checkpointing,
+        compile=compile, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )
 
     def loss_fn(model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
