@@ -2,10 +2,12 @@
 
 Counting convention (as in the PaLM/Megatron MFU papers): only matrix products
 count, at 2 FLOPs per multiply-add; a trained part costs 3 x its forward pass
-(forward, and a backward of twice the forward); a part run without gradients
-(harmonix-F's EMA target encoder) costs 1 x its forward pass; activation
-recomputation under checkpointing is *not* counted (it is overhead, not model
-work). Elementwise work (norms, GELU, softmax, losses) is left out.
+(forward, and a backward of twice the forward: input and weight gradients); the
+first layer, whose input needs no gradient (patch embeddings, the Harmonizer's
+input projections), costs 2 x; a part run without gradients (harmonix-F's EMA
+target encoder) costs 1 x; activation recomputation under checkpointing is *not*
+counted (it is overhead, not model work). Elementwise work (norms, GELU,
+softmax, losses) and per-batch terms (positional tables) are left out.
 
 One pre-norm Transformer block of width ``D``, MLP ratio ``r`` over ``N`` tokens::
 
@@ -78,7 +80,7 @@ def harmonix_s_cost(config: Any) -> SampleCost:
                                              mlp_ratio=config.mlp_ratio),
         "decoder_pred": linear_flops(tokens=n, fan_in=dd, fan_out=voxels),
     }
-    detail = {key: 3 * value for key, value in forward.items()}
+    detail = {key: (2 if key == "patch_embed" else 3) * value for key, value in forward.items()}
     return SampleCost(flops=sum(detail.values()), tokens=n, detail=detail)
 
 
@@ -110,7 +112,7 @@ def harmonix_f_cost(config: Any, *, n_patches: int, context: float | None = None
                                                mlp_ratio=config.mlp_ratio),
         "predictor_out": linear_flops(tokens=target, fan_in=dp, fan_out=d),
     }
-    detail = {key: 3 * value for key, value in trained.items()}
+    detail = {key: (2 if key == "tape" else 3) * value for key, value in trained.items()}
     detail["target_encoder"] = tape + transformer_forward_flops(tokens=n, width=d, depth=config.depth,
                                                                 mlp_ratio=config.mlp_ratio)
     return SampleCost(flops=sum(detail.values()), tokens=n, detail=detail)
@@ -135,7 +137,7 @@ def harmonizer_cost(config: Any, *, n_patches: int) -> SampleCost:
         "decoder_pred": linear_flops(tokens=n_s, fan_in=dd, fan_out=config.dim_s)
         + linear_flops(tokens=n_f, fan_in=dd, fan_out=config.dim_f),
     }
-    detail = {key: 3 * value for key, value in forward.items()}
+    detail = {key: (2 if key == "input" else 3) * value for key, value in forward.items()}
     return SampleCost(flops=sum(detail.values()), tokens=n_s + n_f, detail=detail)
 
 
