@@ -7,7 +7,7 @@ resumes from ``<checkpoint stem>.resume.pt`` when the configuration matches.
 
 Training data come from the packed store of the pretraining datasets only,
 through :mod:`bh_models.models.data`: ``FmriShardDataset``, ``T1ShardDataset``,
-``collate_fmri`` and ``paired_samples``. Embeddings of a (downstream) dataset are
+``collate_fmri``, ``collate_t1`` and ``paired_samples``. Embeddings of a (downstream) dataset are
 computed from its derivatives by the frozen models of a model bundle
 (:mod:`bh_models.models.bundle`), with the bundle's pretraining scaling statistics.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from bh_models.core.errors import BHInputError
 from bh_models.core.jsonio import sidecar_path, write_json
@@ -311,7 +311,8 @@ def pretrain_t1(
     """
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
-    dataset = _data().T1ShardDataset(t1, "train")
+    store_module = _data()
+    dataset = store_module.T1ShardDataset(t1, "train")
     if len(dataset) == 0:
         raise BHInputError(t1[0], "no training T1 volumes in the store", "check the splits and the packed store")
     overrides = dict(model_overrides or {})
@@ -328,7 +329,7 @@ def pretrain_t1(
     seed_everything(seed)
     model = HarmonixS(config)
     result = train(
-        model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=default_collate,
+        model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=store_module.collate_t1,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-S (3-D MAE)", context=context,
         data_id=data_identity(folders=t1),

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from bh_models.models import embeddings, pretrain, train as train_module
 from bh_models.core.errors import BHInputError
@@ -131,6 +131,7 @@ def fake_store_module():
     module.FmriShardDataset = functools.partial(_Items, modality="fmri")
     module.T1ShardDataset = functools.partial(_Items, modality="t1")
     module.collate_fmri = fake_collate_fmri
+    module.collate_t1 = default_collate
     module.paired_samples = fake_paired_samples
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "bh_models.models.data", module)

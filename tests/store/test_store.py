@@ -359,3 +359,28 @@ def test_pack_t1_refuses_non_finite_volumes(inputs: dict, tmp_path: Path) -> Non
     with pytest.raises(BHInputError, match="NaN or infinite"):
         pack_t1(t1_tensors=[broken, *tensors[1:]], splits=splits, dataset="dsB", out_dir=tmp_path / "t1")
     assert not [p.name for p in (tmp_path / "t1").iterdir() if p.name.endswith((".npy", ".tmp"))]
+
+
+def test_t1_batches_are_read_into_one_buffer_and_collated_without_a_copy(store: Path) -> None:
+    from bh_models.models.data import collate_t1
+    from bh_models.models.train import DistContext, TrainConfig, _batches
+
+    data = T1ShardDataset(t1_folders(store), "train")
+    indices = list(range(len(data)))[::-1]
+    items = data.__getitems__(indices)
+    batch = collate_t1(items)
+    assert batch["t1"].shape == (len(indices), 1, *T1_SHAPE) and batch["t1"].dtype == torch.bfloat16
+    assert batch["t1"].untyped_storage().data_ptr() == items[0]["t1"].untyped_storage().data_ptr()  # no copy
+    assert torch.equal(batch["t1"], torch.stack([data[i]["t1"] for i in indices]))
+    assert batch["sample_id"] == [data[i]["sample_id"] for i in indices]
+    # Items from elsewhere are stacked.
+    assert torch.equal(collate_t1([data[0], data[1]])["t1"], torch.stack([data[0]["t1"], data[1]["t1"]]))
+    # The training loop's iterator, with and without workers, gives the same batches.
+    streams = []
+    for workers in (0, 2):
+        config = TrainConfig(steps=10, batch_size=2, lr=1e-3, seed=3, checkpoint_every=10, num_workers=workers)
+        context = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        stream = _batches(data, collate_t1, config=config, context=context, start_step=0)
+        streams.append([next(stream) for _ in range(3)])
+    for a, b in zip(*streams):
+        assert torch.equal(a["t1"], b["t1"]) and a["sample_id"] == b["sample_id"]
