@@ -3,8 +3,8 @@
 ``build(model, size, ...)`` returns the model, a batch maker and the loss call the
 training loop makes (``bh_models.models.pretrain``): harmonix-F on an fMRI batch of
 400 ROIs x ``n_patches`` TAPE patches (all real: the worst case), harmonix-S on T1
-volumes of its ``img_size``, the Harmonizer on cached latents (T1 and fMRI tokens of
-every sample real). Nothing is read from disk.
+volumes of its ``img_size``, the Harmonizer on a latent-store batch (fMRI then T1
+tokens, every token real). Nothing is read from disk.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def build(name: str, *, size: str, overrides: dict[str, Any] | None = None, n_pa
     torch.manual_seed(seed)
     if name == "harmonix_f":
         config = model_config(model=name, size=size, overrides=overrides)
-        model = HarmonixF(config, torch.randn(config.n_rois, config.geometry_dim))
+        model = HarmonixF(config, torch.randn(config.n_rois, config.geometry_dim),
+                          torch.randn(config.n_rois, config.gradient_dim))
 
         def make_batch(batch_size: int, batch_seed: int) -> dict:
             return _fmri_batch(batch_size, batch_seed, n_rois=config.n_rois, n_patches=n_patches,
@@ -78,20 +79,17 @@ def build(name: str, *, size: str, overrides: dict[str, Any] | None = None, n_pa
     elif name == "harmonizer":
         width = 768 if size == "base" else 64  # the encoders' widths at this size
         s_grid = tuple(side // 16 for side in img_size)
-        config = model_config(model=name, size=size,
-                              overrides={"dim_s": width, "dim_f": width, "s_grid": s_grid, **overrides})
+        config = model_config(model=name, size=size, overrides={
+            "dim_s": width, "dim_f": width, "s_grid": s_grid, "n_patches": n_patches, **overrides})
         model = Harmonizer(config)
-        n_s, n_f = model.n_s_tokens, config.n_rois * n_patches
 
         def make_batch(batch_size: int, batch_seed: int) -> dict:
             generator = torch.Generator().manual_seed(batch_seed)
-            return {"z_s": torch.randn(batch_size, n_s, config.dim_s, generator=generator),
-                    "s_mask": torch.ones(batch_size, n_s, dtype=torch.bool),
-                    "z_f": torch.randn(batch_size, n_f, config.dim_f, generator=generator),
-                    "f_mask": torch.ones(batch_size, n_f, dtype=torch.bool)}
+            return {"tokens": torch.randn(batch_size, model.n_tokens, config.dim_f, generator=generator),
+                    "mask": torch.ones(batch_size, model.n_tokens, dtype=torch.bool)}
 
         def loss(model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-            return model(batch["z_s"], batch["s_mask"], batch["z_f"], batch["f_mask"])[0]
+            return model(batch["tokens"], batch["mask"])[0]
     else:
         raise ValueError(f"unknown model {name!r}; use one of {MODELS}")
     return Synthetic(name=name, model=model, config=config, n_patches=n_patches, make_batch=make_batch, loss=loss)

@@ -100,6 +100,12 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     return bundle_main(args.rest)
 
 
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    from bh_models.models.official import main as import_main
+
+    return import_main(args.rest)
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from bh_models.records.audit import main as audit_main
 
@@ -137,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bundle)
 
+    p = sub.add_parser("import-official", help="turn the paper's released checkpoints into a model bundle: "
+                       "bh import-official --fmri F --t1 S --harmonizer H --eigenmodes E --gradients G OUT",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_import_official)
+
     p = sub.add_parser("audit", help="re-hash results and check them against their provenance")
     p.add_argument("results_dir", type=Path)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -145,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["import-official"]:  # its options go to its own parser (argparse.REMAINDER skips "--x")
+        args = argparse.Namespace(func=_cmd_import_official, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (BHInputError, BHConfigError) as exc:

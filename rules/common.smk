@@ -41,8 +41,10 @@ RES = config["template"]["resolution"]
 NETWORKS = config["atlas"]["networks"]
 ATLAS = f"atlas-{config['atlas']['name']}_seg-{{networks}}n_scale-{config['atlas']['parcels']}"
 SURFACE = "tpl-fsLR_den-32k"
-# The 400 x M eigenmode matrix in the configured network order (harmonix-F input).
+# The 400 x M eigenmode matrix and the 400 x G functional gradients, in the configured network
+# order (harmonix-F's positional tables).
 GEOMETRY_MATRIX = f"{GEOMETRY}/{SURFACE}_{ATLAS.format(networks=NETWORKS)}_desc-LBO_embedding.tsv"
+GRADIENTS_MATRIX = f"{GEOMETRY}/{ATLAS.format(networks=NETWORKS)}_desc-gradients_embedding.tsv"
 
 try:
     COHORT = plan_cohort(config, failed=failed_subjects(results_dir=Path(RESULTS)))
@@ -129,8 +131,15 @@ def per_run(output, dataset):
 def training(model):
     """Keyword arguments of one model's pretraining job, from config.pretrain."""
     settings = config["pretrain"]
-    overrides = {"n_hub": settings["hub_tokens"]} if model == "harmonizer" and settings["hub_tokens"] else {}
-    return dict(model_size=settings["model_size"], seed=SEED, model_overrides=overrides,
+    overrides, options = {}, {}
+    if model == "fmri":
+        overrides["masking"] = settings["fmri_masking"]
+    if model == "harmonizer":
+        if settings["hub_tokens"]:
+            overrides["n_hub"] = settings["hub_tokens"]
+        options = dict(include_unpaired=settings["harmonizer_subjects"] == "all",
+                       loss_on_padded=settings["harmonizer_loss_tokens"] == "all")
+    return dict(model_size=settings["model_size"], seed=SEED, model_overrides=overrides, **options,
                 **settings[model])
 
 
@@ -148,6 +157,7 @@ def final_targets():
     targets = [*rules.boilerplate.output, rules.exclusion_table.output.out_tsv]
     if not EXTERNAL_BUNDLE:
         targets += [rules.geometry_plot.output.out_figure, rules.geometry_description.output.out_description,
+                    *rules.geometry_gradients.output,
                     *expand(rules.geometry_project.output, networks=[7, 17]), *rules.make_bundle.output]
     for dataset in DATASETS:
         targets += expand([*rules.index_dataset.output, rules.dataset_description.output.out_description,

@@ -1,5 +1,7 @@
 # Geometric pre-alignment: Laplace-Beltrami eigenmodes of the fsLR-32k
-# midthickness per hemisphere (LaPy), averaged within Schaefer-400 parcels.
+# midthickness per hemisphere (LaPy), averaged within Schaefer-400 parcels; and the
+# functional gradients of the pretraining cohort's training split (BrainSpace),
+# aligned to the shipped HCP reference. Together: harmonix-F's ROI positions.
 
 
 rule geometry_eigenmodes:
@@ -84,6 +86,31 @@ rule geometry_description:
     resources:
         mem_mb=500,
         runtime=5,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule geometry_gradients:
+    input:
+        # The split tables come from store.smk (included later): named by path.
+        splits=expand(f"{STORE}/splits/{{dataset}}_splits.tsv", dataset=PRETRAIN),
+        timeseries=lambda w: [p for d in PRETRAIN for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
+    output:
+        out_gradients=GRADIENTS_MATRIX,
+        out_figure=report(GRADIENTS_MATRIX.replace(".tsv", ".png"), caption=caption("geometry_gradients"),
+                          category="Geometry", labels={"figure": "functional gradients on the surface"}),
+    params:
+        step="bh_models.geometry.gradients:compute_gradients",
+        networks=NETWORKS,
+        **config["geometry"]["gradients"],
+    log:
+        log_path("geometry_gradients", "all"),
+    threads: 1  # one BLAS thread: byte-identical gradients
+    resources:
+        mem_mb=4000,
+        runtime=30,
     conda:
         ENV
     script:

@@ -1,7 +1,8 @@
 # Pretraining as GPU jobs (CPU with the tiny configs) on the pretraining datasets:
-# harmonix-F (JEPA) and harmonix-S (MAE) on the packed store, then the Harmonizer
-# on their frozen tokens; the three checkpoints, the scaling statistics and the
-# positional table become the model bundle. Then per-dataset embeddings of every
+# harmonix-F (JEPA) and harmonix-S (MAE) on the packed store; their frozen tokens of
+# every training sample, encoded once per dataset (cache_latents, the release's stage 0);
+# the Harmonizer trained from those latent stores. The three checkpoints, the scaling
+# statistics and the two positional tables become the model bundle. Then per-dataset embeddings of every
 # downstream dataset against the bundle (this run's or model.bundle). A job given
 # more than one GPU runs under torchrun (DDP). Each pretraining job resumes from
 # <checkpoint>.resume.pt after a kill.
@@ -12,6 +13,7 @@ rule pretrain_fmri:
         fmri=rules.store_scaling.input.fmri,
         scaling=rules.store_scaling.output.out_scaling,
         geometry=GEOMETRY_MATRIX,
+        gradients=rules.geometry_gradients.output.out_gradients,
     output:
         out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonix_f']}",
         out_metrics=f"{MODELS}/harmonix-f/metrics.tsv",
@@ -57,14 +59,40 @@ rule pretrain_t1:
         STEP
 
 
-rule pretrain_harmonizer:
+rule cache_latents:
     input:
         fmri_checkpoint=rules.pretrain_fmri.output.out_checkpoint,
         t1_checkpoint=rules.pretrain_t1.output.out_checkpoint,
         geometry=rules.pretrain_fmri.input.geometry,
-        fmri=rules.pretrain_fmri.input.fmri,
-        t1=rules.pretrain_t1.input.t1,
+        gradients=rules.pretrain_fmri.input.gradients,
+        fmri=rules.pack_fmri.output.out_dir,
+        t1=rules.pack_t1.output.out_dir,
         scaling=rules.pretrain_fmri.input.scaling,
+    output:
+        out_latents=directory(f"{STORE}/latents/{{dataset}}"),
+    params:
+        step="bh_models.models.embeddings:cache_latents",
+        dataset=lambda w: w.dataset,
+        split="train",
+        batch_size=config["pretrain"]["harmonizer"]["batch_size"],
+    log:
+        log_path("cache_latents", "{dataset}"),
+    threads: 2
+    resources:
+        gpu=min(gpus(), 1),
+        mem_mb=16000,
+        runtime=4 * 60,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule pretrain_harmonizer:
+    input:
+        latents=expand(rules.cache_latents.output.out_latents, dataset=PRETRAIN),
+        fmri_checkpoint=rules.pretrain_fmri.output.out_checkpoint,
+        t1_checkpoint=rules.pretrain_t1.output.out_checkpoint,
     output:
         out_checkpoint=f"{MODELS}/{CHECKPOINTS['harmonizer']}",
         out_metrics=f"{MODELS}/harmonizer/metrics.tsv",
@@ -94,6 +122,7 @@ rule make_bundle:
         scaling=rules.store_scaling.output.out_scaling,
         scaling_table=rules.store_scaling.output.out_scaling_table,
         geometry=rules.pretrain_fmri.input.geometry,
+        gradients=rules.pretrain_fmri.input.gradients,
         splits=expand(rules.make_splits.output.out_splits, dataset=PRETRAIN),
         samples=expand(rules.augment_samples.output.out_samples, dataset=PRETRAIN),
     output:
@@ -101,6 +130,7 @@ rule make_bundle:
         out_scaling=bundle_inputs()["dep_scaling"],
         out_scaling_table=f"{MODELS}/scaling.tsv",
         out_geometry=bundle_inputs()["dep_geometry"],
+        out_gradients=bundle_inputs()["dep_gradients"],
         out_card=f"{MODELS}/MODEL_CARD.md",
         out_manifest=bundle_inputs()["dep_manifest"],
     params:
@@ -154,11 +184,12 @@ rule extract_latents:
         timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
         t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
     output:
-        out_latents=f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens.pt",
+        out_latents=directory(f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens"),
     params:
         step="bh_models.models.embeddings:extract_latents",
         dataset=lambda w: w.dataset,
         settings=BUNDLE_SETTINGS,
+        batch_size=config["pretrain"]["harmonizer"]["batch_size"],
     log:
         log_path("extract_latents", "{dataset}"),
     threads: 2

@@ -142,3 +142,64 @@ def atlas_in_template_space(networks: int = 7, resolution: float = 2.0) -> nib.N
     )
     data = np.asarray(out.dataobj).astype(np.int16)
     return nib.Nifti1Image(data, template.affine)
+
+
+@functools.lru_cache(maxsize=1)
+def schaefer_7_to_17() -> np.ndarray:
+    """17-network label of each 7-network Schaefer-400 parcel.
+
+    Both CBIG orderings label the same 400 parcels. The correspondence is read
+    off the packaged 1 mm volumes and checked to be exact: every voxel of a
+    7-network parcel carries one and the same 17-network label, and the map is
+    one-to-one.
+
+    Returns
+    -------
+    ndarray, (400,) int64
+        ``out[i - 1]`` is the 17-network label of 7-network parcel ``i``.
+    """
+    from bh_models.core.errors import BHInputError
+
+    path7, path17 = atlas_source_file(7, 1), atlas_source_file(17, 1)
+    labels7 = np.asarray(nib.load(path7).dataobj, dtype=np.int64).ravel()
+    labels17 = np.asarray(nib.load(path17).dataobj, dtype=np.int64).ravel()
+    inside = labels7 > 0
+    if not np.array_equal(inside, labels17 > 0):
+        raise BHInputError(path17, "the 7- and 17-network atlases cover different voxels", "restore the packaged atlases")
+    pairs = np.unique(np.stack([labels7[inside], labels17[inside]]), axis=1)  # (2, n_pairs) sorted by 7-label
+    n_parcels = len(atlas_labels(7))
+    if pairs.shape[1] != n_parcels or not np.array_equal(pairs[0], np.arange(1, n_parcels + 1)) \
+            or len(np.unique(pairs[1])) != n_parcels:
+        raise BHInputError(path17, "the 7- and 17-network atlases do not share the same 400 parcels",
+                           "restore the packaged atlases")
+    return pairs[1]
+
+
+def parcel_order(*, source: int, target: int) -> np.ndarray:
+    """Row permutation from one Schaefer-400 network order to another (same parcels).
+
+    Returns
+    -------
+    ndarray, (400,) int64
+        ``values_target = values_source[parcel_order(source=s, target=t)]``: row ``j`` of the
+        ``target``-order table is row ``out[j]`` of the ``source``-order table.
+    """
+    _check_networks(source)
+    _check_networks(target)
+    identity = np.arange(len(atlas_labels(7)))
+    if source == target:
+        return identity
+    seven_to_seventeen = schaefer_7_to_17() - 1  # 0-based 17-row of each 7-row
+    if source == 7:  # target 17: 17-row j holds 7-row inverse[j]
+        return np.argsort(seven_to_seventeen)
+    return seven_to_seventeen  # source 17, target 7: 7-row i holds 17-row seven_to_seventeen[i]
+
+
+def network_order_of(names: list[str] | tuple[str, ...]) -> int:
+    """7 or 17: the Schaefer-400 network order whose label table lists exactly these ROI names."""
+    names = list(names)
+    for networks in SUPPORTED_NETWORKS:
+        if names == atlas_labels(networks)["name"].tolist():
+            return networks
+    raise BHConfigError("atlas.networks", f"ROI names ({names[0] if names else 'none'} ...) are not the "
+                        "Schaefer-400 7- or 17-network label table", "extract the series with the packaged atlas")

@@ -9,6 +9,11 @@ from the run's confounds TSV). Regressing 24 motion columns out of 100-160 frame
 removes a sizeable, signal-independent share of any series; leaving it out of the
 reference would measure the cleaning, not the recovery. Scaling (psc) does not
 change a correlation.
+
+The truth is written in the 7-network Schaefer order; the chain writes the
+configured order (``atlas.networks``, 17 by default). Both orders label the same
+400 parcels, so columns are matched by parcel identity
+(:func:`truth_in_recovered_order`), never by position.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import numpy as np
 import pandas as pd
 from nilearn.signal import clean
 
+from bh_models.core.errors import BHConfigError
 from bh_models.core.jsonio import read_json, sidecar_path
+from bh_models.core.templates import network_order_of, parcel_order
 
 
 #: Confounds TSV columns that are not regressors.
@@ -41,6 +48,27 @@ def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     denom = np.sqrt((a**2).sum(axis=0) * (b**2).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (a * b).sum(axis=0) / denom, np.nan)
+
+
+def truth_in_recovered_order(*, truth: pd.DataFrame, recovered_columns: list[str]) -> pd.DataFrame:
+    """The truth's columns reordered (and renamed) to the recovered table's parcel order.
+
+    Parameters
+    ----------
+    truth : DataFrame
+        T x 400, columns = Schaefer-400 names of one network order.
+    recovered_columns : list of str
+        Schaefer-400 names of the same or the other network order.
+
+    Returns
+    -------
+    DataFrame
+        T x 400 with ``recovered_columns``: column ``j`` holds the truth of the same parcel.
+    """
+    source = network_order_of(list(truth.columns))
+    target = network_order_of(recovered_columns)
+    values = truth.to_numpy()[:, parcel_order(source=source, target=target)]  # (T, 400), target order
+    return pd.DataFrame(values, columns=recovered_columns)
 
 
 def run_recovery(*, recovered: Path, truth: Path, confounds: Path | None = None, detrend: bool = True,
@@ -66,7 +94,10 @@ def run_recovery(*, recovered: Path, truth: Path, confounds: Path | None = None,
     ours = pd.read_csv(recovered, sep="\t")
     true = pd.read_csv(truth, sep="\t")
     if list(ours.columns) != list(true.columns):
-        raise ValueError(f"{recovered}: ROI columns differ from the ground truth {truth}")
+        try:  # another network order of the same parcels: match columns by parcel
+            true = truth_in_recovered_order(truth=true, recovered_columns=list(ours.columns))
+        except BHConfigError as err:
+            raise ValueError(f"{recovered}: ROI columns differ from the ground truth {truth} ({err})") from err
     tr = float(read_json(sidecar_path(recovered))["RepetitionTime"])
     regressors, keep = None, np.ones(len(true), dtype=bool)
     if confounds is not None:

@@ -80,7 +80,6 @@ nearest vertex would not be the published parcellation).
 
 from __future__ import annotations
 
-import functools
 import gzip
 import os
 import tempfile
@@ -99,7 +98,7 @@ from threadpoolctl import threadpool_limits
 from bh_models.core.hashing import sha256_file
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import atomic_write_text, read_json, sidecar_path, write_json
-from bh_models.core.templates import atlas_labels, atlas_source_file, data_dir
+from bh_models.core.templates import atlas_labels, data_dir, schaefer_7_to_17
 
 __desc__ = (
     "Geometric eigenmodes of the cortex were computed as the first {n_modes} "
@@ -584,34 +583,6 @@ def fslr32k_schaefer_labels() -> tuple[np.ndarray, np.ndarray]:
         read_medial_wall_mask(folder / f"{_FSLR_FILES[h]}_mask.csv", FSLR32K_VERTICES) for h in HEMIS
     ])
     return labels, cortex
-
-
-@functools.lru_cache(maxsize=1)
-def schaefer_7_to_17() -> np.ndarray:
-    """17-network label of each 7-network Schaefer-400 parcel.
-
-    Both CBIG orderings label the same 400 parcels. The correspondence is read
-    off the packaged 1 mm volumes and checked to be exact: every voxel of a
-    7-network parcel carries one and the same 17-network label, and the map is
-    one-to-one.
-
-    Returns
-    -------
-    ndarray, (400,) int64
-        ``out[i - 1]`` is the 17-network label of 7-network parcel ``i``.
-    """
-    path7, path17 = atlas_source_file(7, 1), atlas_source_file(17, 1)
-    labels7 = np.asarray(nib.load(path7).dataobj, dtype=np.int64).ravel()
-    labels17 = np.asarray(nib.load(path17).dataobj, dtype=np.int64).ravel()
-    inside = labels7 > 0
-    if not np.array_equal(inside, labels17 > 0):
-        raise BHInputError(path17, "the 7- and 17-network atlases cover different voxels", "restore the packaged atlases")
-    pairs = np.unique(np.stack([labels7[inside], labels17[inside]]), axis=1)  # (2, n_pairs) sorted by 7-label
-    if pairs.shape[1] != N_PARCELS or not np.array_equal(pairs[0], np.arange(1, N_PARCELS + 1)) \
-            or len(np.unique(pairs[1])) != N_PARCELS:
-        raise BHInputError(path17, "the 7- and 17-network atlases do not share the same 400 parcels",
-                           "restore the packaged atlases")
-    return pairs[1]
 
 
 def parcel_means(*, modes: np.ndarray, labels: np.ndarray, cortex: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""QC figures of the geometric eigenmodes: modes on the surface, the parcel matrix.
+"""QC figures of the geometry stage: eigenmodes and functional gradients on the surface, the parcel matrix.
 
 Both figures are drawn with matplotlib's Agg backend and saved without a
 software-version stamp, so the same data give the same PNG bytes.
@@ -46,8 +46,10 @@ def plot_modes_on_surface(
     values: dict[str, np.ndarray],
     mode_numbers: list[int],
     out_png: Path,
+    row_label: str = "mode",
+    title: str = "Laplace-Beltrami eigenmodes (red > 0 > blue; zero on the medial wall)",
 ) -> Path:
-    """Eigenmodes on both hemispheres: one row per mode, lateral and medial views.
+    """Maps on both hemispheres (eigenmodes, gradients): one row per map, lateral and medial views.
 
     Parameters
     ----------
@@ -58,6 +60,8 @@ def plot_modes_on_surface(
     mode_numbers : list of int
         1-based mode numbers, for the row titles.
     out_png : Path
+    row_label, title : str
+        Row-title word (``mode``, ``gradient``) and figure title.
 
     Returns
     -------
@@ -76,8 +80,9 @@ def plot_modes_on_surface(
             plot_surf(meshes[hemi], surf_map=values[hemi][:, row], hemi=_HEMI_NAMES[hemi], view=view,
                       engine="matplotlib", cmap="RdBu_r", vmin=-vmax, vmax=vmax, colorbar=False,
                       axes=axes[row, col], figure=fig)
-            axes[row, col].set_title(f"mode {mode}, {hemi} {view}" if col == 0 else f"{hemi} {view}", fontsize=9)
-    fig.suptitle("Laplace-Beltrami eigenmodes (red > 0 > blue; zero on the medial wall)", fontsize=10)
+            axes[row, col].set_title(f"{row_label} {mode}, {hemi} {view}" if col == 0 else f"{hemi} {view}",
+                                     fontsize=9)
+    fig.suptitle(title, fontsize=10)
     return save_png(fig, out_png, dpi=80)
 
 

@@ -11,6 +11,7 @@ from the paper's released checkpoints, without any retraining
     harmonizer/checkpoint.pt     (+ checkpoint.json)
     scaling.json, scaling.tsv    robust-scaling statistics of the pretraining training split
     geometry_embedding.tsv       ROI x mode eigenmode table, rows in the bundle's network order
+    gradient_embedding.tsv       ROI x gradient functional-gradient table, same row order
     MODEL_CARD.md                what data, how many steps, final losses, provenance, contract
     SHA256SUMS                   sha256 of every file above (``sha256sum -c`` format)
 
@@ -54,6 +55,7 @@ CARD_FILE = "MODEL_CARD.md"
 SCALING_FILE = "scaling.json"
 SCALING_TABLE_FILE = "scaling.tsv"
 GEOMETRY_FILE = "geometry_embedding.tsv"
+GRADIENTS_FILE = "gradient_embedding.tsv"
 #: Model kind -> checkpoint path inside a bundle.
 CHECKPOINTS = {"harmonix_f": "harmonix-f/checkpoint.pt", "harmonix_s": "harmonix-s/checkpoint.pt",
                "harmonizer": "harmonizer/checkpoint.pt"}
@@ -148,7 +150,8 @@ def verify_bundle(path: Path | str) -> list[str]:
         return [f"{manifest}: missing (not a bundle, or an unfinished one)"]
     entries = manifest_entries(manifest)
     problems = [f"{name}: required by every bundle but not in {MANIFEST_FILE}"
-                for name in (BUNDLE_FILE, CARD_FILE, SCALING_FILE, GEOMETRY_FILE, *CHECKPOINTS.values())
+                for name in (BUNDLE_FILE, CARD_FILE, SCALING_FILE, GEOMETRY_FILE, GRADIENTS_FILE,
+                             *CHECKPOINTS.values())
                 if name not in entries]
     for name, digest in entries.items():
         file = root / name
@@ -251,12 +254,14 @@ def make_bundle(
     scaling: Path,
     scaling_table: Path,
     geometry: Path,
+    gradients: Path,
     splits: Sequence[Path],
     samples: Sequence[Path],
     out_bundle: Path,
     out_scaling: Path,
     out_scaling_table: Path,
     out_geometry: Path,
+    out_gradients: Path,
     out_card: Path,
     out_manifest: Path,
     settings: Mapping[str, Any],
@@ -274,9 +279,11 @@ def make_bundle(
         The store's robust-scaling statistics (copied in).
     geometry : Path
         The ROI x mode eigenmode table harmonix-F was trained with (copied in).
+    gradients : Path
+        The ROI x gradient functional-gradient table harmonix-F was trained with (copied in).
     splits, samples : sequence of Path
         Split and samples tables of the pretraining datasets (counts for the card).
-    out_bundle, out_scaling, out_scaling_table, out_geometry, out_card, out_manifest : Path
+    out_bundle, out_scaling, out_scaling_table, out_geometry, out_gradients, out_card, out_manifest : Path
         ``bundle.json``, the copies, ``MODEL_CARD.md`` and ``SHA256SUMS``, in one folder.
     settings : mapping
         :func:`settings_from_config` of the run's config.
@@ -295,12 +302,14 @@ def make_bundle(
             raise BHInputError(checkpoint, f"is not at {CHECKPOINTS[kind]} inside the bundle folder {root}",
                                "write the pretraining checkpoints into the bundle folder")
     for target, name in ((out_scaling, SCALING_FILE), (out_scaling_table, SCALING_TABLE_FILE),
-                         (out_geometry, GEOMETRY_FILE), (out_card, CARD_FILE), (out_manifest, MANIFEST_FILE)):
+                         (out_geometry, GEOMETRY_FILE), (out_gradients, GRADIENTS_FILE), (out_card, CARD_FILE),
+                         (out_manifest, MANIFEST_FILE)):
         if Path(target) != root / name:
             raise BHInputError(target, f"is not {name} in the bundle folder {root}", "fix the rule's outputs")
     _copy(Path(scaling), Path(out_scaling))
     _copy(Path(scaling_table), Path(out_scaling_table))
     _copy(Path(geometry), Path(out_geometry))
+    _copy(Path(gradients), Path(out_gradients))
     sidecars = {kind: read_json((root / path).with_suffix(".json")) for kind, path in CHECKPOINTS.items()}
     split_counts, sample_counts = _split_counts(splits), _sample_counts(samples)
     bundle = {
@@ -311,6 +320,7 @@ def make_bundle(
         "checkpoints": dict(CHECKPOINTS),
         "scaling": SCALING_FILE,
         "geometry": GEOMETRY_FILE,
+        "gradients": GRADIENTS_FILE,
         "model_configs": {kind: card.get("ModelConfig", {}) for kind, card in sidecars.items()},
         "pretraining": {
             "datasets": sorted(split_counts.index.tolist()),
@@ -324,7 +334,7 @@ def make_bundle(
     write_json(Path(out_bundle), bundle)
     atomic_write_text(Path(out_card), model_card(bundle=bundle, sidecars=sidecars, splits=split_counts,
                                                   samples=sample_counts))
-    listed = [BUNDLE_FILE, CARD_FILE, SCALING_FILE, SCALING_TABLE_FILE, GEOMETRY_FILE,
+    listed = [BUNDLE_FILE, CARD_FILE, SCALING_FILE, SCALING_TABLE_FILE, GEOMETRY_FILE, GRADIENTS_FILE,
               *CHECKPOINTS.values(), *(str(Path(p).with_suffix(".json")) for p in CHECKPOINTS.values())]
     write_manifest(root, listed)
     return {"bundle": str(root), "files": len(listed)}
@@ -335,6 +345,7 @@ def bundle_paths(root: Path | str) -> dict[str, str]:
     root = Path(root)
     return {"bundle": str(root / BUNDLE_FILE), "dep_manifest": str(root / MANIFEST_FILE),
             "dep_scaling": str(root / SCALING_FILE), "dep_geometry": str(root / GEOMETRY_FILE),
+            "dep_gradients": str(root / GRADIENTS_FILE),
             **{f"dep_{kind}": str(root / path) for kind, path in CHECKPOINTS.items()}}
 
 

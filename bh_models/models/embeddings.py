@@ -1,10 +1,15 @@
-"""Encoding datasets with a model bundle: per-subject embeddings, and packed latent tokens for fine-tuning.
+"""Encoding datasets with the frozen encoders: latent stores, per-subject embeddings.
+
+:func:`cache_latents` (stage 0 of the release) encodes every training sample of a
+pretraining dataset once with the frozen harmonix-F and harmonix-S into a latent
+store (:mod:`bh_models.models.latents`), which the Harmonizer trains from.
 
 A (downstream) dataset is encoded straight from its derivatives by the frozen
 models of a verified model bundle (:mod:`bh_models.models.bundle`), with the
 bundle's pretraining scaling statistics (the normalisation contract), one job
 per dataset: :func:`extract_embeddings` writes the probe's inputs,
-:func:`extract_latents` the frozen-encoder tokens the fine-tuning option trains on.
+:func:`extract_latents` a latent store of the same format, which the fine-tuning
+option trains on.
 """
 
 from __future__ import annotations
@@ -22,13 +27,20 @@ from torch.utils.data import DataLoader
 from bh_models.core.errors import BHInputError
 from bh_models.core.hashing import sha256_file
 from bh_models.core.jsonio import sidecar_path, write_json
-from bh_models.models.latents import LATENTS_FORMAT, pack_latents, pad_patches
+from bh_models.models.latents import LatentWriter
 from bh_models.models.nn.blocks import masked_token_mean
 from bh_models.models.nn.harmonix_f import HarmonixF
 from bh_models.models.nn.harmonix_s import HarmonixS
 from bh_models.models.nn.harmonizer import Harmonizer
-from bh_models.models.pretrain import PairedSamples, _data, collate_paired, encode_latents, load_frozen_models
-from bh_models.models.train import distributed_context, move_to_device, save_checkpoint
+from bh_models.models.pretrain import (
+    PairedSamples,
+    _data,
+    _load_encoders,
+    collate_paired,
+    encode_latents,
+    load_frozen_models,
+)
+from bh_models.models.train import distributed_context, move_to_device
 
 __desc__ = (
     "Each downstream dataset was encoded by the frozen pretrained models, with the robust-scaling "
@@ -89,27 +101,133 @@ def load_bundle_models(*, bundle: Path, settings: dict[str, Any] | None, device:
     checkpoints = meta["checkpoints"]
     models = load_frozen_models(
         harmonizer_checkpoint=root / checkpoints["harmonizer"], fmri_checkpoint=root / checkpoints["harmonix_f"],
-        t1_checkpoint=root / checkpoints["harmonix_s"], geometry=root / meta["geometry"], device=device)
+        t1_checkpoint=root / checkpoints["harmonix_s"], geometry=root / meta["geometry"],
+        gradients=root / meta["gradients"], device=device)
     return (*models, {**meta, "root": str(root)})
 
 
-def derivative_batches(*, samples: Path, timeseries: Sequence[Path], t1_tensors: Sequence[Path], dataset: str,
-                       scaling: Path, batch_size: int, device: torch.device):
-    """One dataset's samples straight from its derivatives, as collated paired batches on ``device``.
+def derivative_pairs(*, samples: Path, timeseries: Sequence[Path], t1_tensors: Sequence[Path], dataset: str,
+                     scaling: Path) -> tuple[PairedSamples, int]:
+    """One dataset's samples straight from its derivatives, paired, and their patch grid.
 
     One row per fMRI sample (runs x TR variants) with its subject's T1, plus
     T1-only subjects; fMRI scaled with ``scaling`` (the bundle's pretraining
     statistics, never this dataset's own).
+
+    Returns
+    -------
+    PairedSamples, and the patches per ROI every fMRI sample is padded to.
     """
     store_module = _data()
     fmri = store_module.FmriTableDataset(samples=Path(samples), timeseries=[Path(p) for p in timeseries],
                                          scaling=Path(scaling))
     t1 = store_module.T1TensorDataset(t1_tensors=[Path(p) for p in t1_tensors], dataset=dataset)
     table = store_module.pair_samples(fmri=fmri.index, t1=t1.index)
-    paired = PairedSamples(table=table, fmri=fmri, t1=t1, include_unpaired=True)
-    collate = functools.partial(collate_paired, collate_fmri=store_module.collate_fmri)
+    return PairedSamples(table=table, fmri=fmri, t1=t1, include_unpaired=True), int(fmri.max_patches)
+
+
+def paired_batches(paired: PairedSamples, *, batch_size: int, device: torch.device):
+    """Collated batches of ``paired`` in order, on ``device``."""
+    collate = functools.partial(collate_paired, collate_fmri=_data().collate_fmri)
     for batch in DataLoader(paired, batch_size=batch_size, shuffle=False, collate_fn=collate):
         yield move_to_device(batch, device)
+
+
+def _autocast(device: torch.device):
+    # The release's stage 0 encodes under bf16 autocast; on CPU we stay in float32.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def write_latents(*, paired: PairedSamples, n_patches: int, fmri_model: HarmonixF, t1_model: HarmonixS,
+                  out_latents: Path, batch_size: int, device: torch.device, meta: dict[str, Any]) -> Path:
+    """Encode every row of ``paired`` once and write them as a latent store (:mod:`bh_models.models.latents`)."""
+    n_s = int(np.prod(t1_model.config.grid))
+    n_f = fmri_model.config.n_rois * n_patches
+    writer = LatentWriter(Path(out_latents), n_rows=len(paired), n_tokens=n_f + n_s, dim=fmri_model.config.embed_dim,
+                          meta={"n_rois": fmri_model.config.n_rois, "n_patches": n_patches,
+                                "n_f_tokens": n_f, "n_s_tokens": n_s, "s_grid": list(t1_model.config.grid),
+                                "layout": "per row: harmonix-F tokens (ROI-major r * n_patches + p, padded patches "
+                                          "included), then harmonix-S tokens (C order of s_grid)", **meta})
+    for batch in paired_batches(paired, batch_size=batch_size, device=device):
+        with _autocast(device):
+            tokens, mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model, n_patches=n_patches)
+        has_f, has_s = mask[:, :n_f].any(dim=1).tolist(), mask[:, n_f:].any(dim=1).tolist()
+        rows = [{"dataset": d, "subject": s, "fmri_sample_id": f or "", "t1_sample_id": t or "",
+                 "has_fmri": int(hf), "has_t1": int(hs)}
+                for d, s, f, t, hf, hs in zip(batch["dataset"], batch["subject"], batch["fmri_sample_id"],
+                                              batch["t1_sample_id"], has_f, has_s)]
+        writer.add(tokens, mask, rows)
+    return writer.close()
+
+
+def cache_latents(
+    *,
+    fmri_checkpoint: Path,
+    t1_checkpoint: Path,
+    geometry: Path,
+    gradients: Path,
+    fmri: Sequence[Path],
+    t1: Sequence[Path],
+    scaling: Path,
+    out_latents: Path,
+    dataset: str,
+    split: str = "train",
+    batch_size: int = 8,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Step function (stage 0): a pretraining dataset's training samples, encoded once, as a latent store.
+
+    Parameters
+    ----------
+    fmri_checkpoint, t1_checkpoint : Path
+        The pretrained harmonix-F and harmonix-S (frozen).
+    geometry, gradients : Path
+        The positional tables harmonix-F was trained with (checked).
+    fmri, t1 : sequence of Path
+        The dataset's packed fMRI and T1 folders.
+    scaling : Path
+        The store's robust-scaling statistics.
+    out_latents : Path
+        The latent store folder (:mod:`bh_models.models.latents`).
+    dataset : str
+        Dataset name (config key).
+    split : str
+        Split to encode (the Harmonizer trains on ``train``).
+    batch_size : int
+        Samples per forward pass.
+    threads : int
+        CPU threads for torch.
+
+    Returns
+    -------
+    dict
+        ``n_rows``, ``paired_rows``, ``n_tokens``.
+    """
+    from bh_models.core.hashing import sha256_file
+
+    torch.set_num_threads(max(1, threads))
+    fmri, t1 = ([folders] if isinstance(folders, (str, Path)) else list(folders) for folders in (fmri, t1))
+    device = distributed_context().device
+    fmri_model, t1_model = _load_encoders(fmri_checkpoint=Path(fmri_checkpoint), t1_checkpoint=Path(t1_checkpoint),
+                                          geometry=Path(geometry), gradients=Path(gradients), device=device)
+    store_module = _data()
+    fmri_data = store_module.FmriShardDataset(fmri, split, scaling=Path(scaling))
+    t1_data = store_module.T1ShardDataset(t1, split)
+    table = store_module.paired_samples(fmri=fmri, t1=t1, split=split)
+    paired = PairedSamples(table=table, fmri=fmri_data, t1=t1_data, include_unpaired=True)
+    if len(paired) == 0:
+        raise BHInputError(fmri[0] if fmri else t1[0], f"no {split} samples of dataset {dataset} to encode",
+                           "check the splits and the packed store")
+    n_patches = int(getattr(fmri_data, "max_patches", 0)) or int(fmri_data[0]["patch_mask"].shape[0])
+    folder = write_latents(
+        paired=paired, n_patches=n_patches, fmri_model=fmri_model, t1_model=t1_model, out_latents=Path(out_latents),
+        batch_size=batch_size, device=device,
+        meta={"dataset": dataset, "split": split,
+              "encoders": {"harmonix_f": sha256_file(path=Path(fmri_checkpoint)),
+                           "harmonix_s": sha256_file(path=Path(t1_checkpoint))}})
+    index = pd.read_csv(folder / "index.tsv", sep="\t")
+    return {"n_rows": len(index), "paired_rows": int((index["has_fmri"] & index["has_t1"]).sum()),
+            "n_tokens": fmri_model.config.n_rois * n_patches + int(np.prod(t1_model.config.grid))}
 
 
 def extract_embeddings(
@@ -177,14 +295,17 @@ def extract_embeddings(
                                                                 device=device)
     root = Path(meta["root"])
     hub, fmri_means, t1_means = _SubjectMeans(), _SubjectMeans(), _SubjectMeans()
-    for batch in derivative_batches(samples=Path(samples), timeseries=timeseries, t1_tensors=t1_tensors,
-                                    dataset=dataset, scaling=root / meta["scaling"], batch_size=batch_size,
-                                    device=device):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            z_s, s_mask, z_f, f_mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model)
-            hub_vectors = harmonizer.hub_embedding(z_s, s_mask, z_f, f_mask).float().cpu().numpy()  # (B, D)
-        fmri_vectors = masked_token_mean(z_f.float(), f_mask).cpu().numpy()  # (B, D_F)
-        t1_vectors = z_s.float().mean(dim=1).cpu().numpy()  # (B, D_S)
+    paired, n_patches = derivative_pairs(samples=Path(samples), timeseries=timeseries, t1_tensors=t1_tensors,
+                                         dataset=dataset, scaling=root / meta["scaling"])
+    n_f = harmonizer.n_f_tokens
+    _check_grid(harmonizer=harmonizer, n_patches=n_patches, samples=Path(samples))
+    for batch in paired_batches(paired, batch_size=batch_size, device=device):
+        with _autocast(device):
+            tokens, mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model, n_patches=n_patches)
+            hub_vectors = harmonizer.hub_embedding(tokens, mask).float().cpu().numpy()  # (B, D)
+        f_mask, s_mask = mask[:, :n_f], mask[:, n_f:]
+        fmri_vectors = masked_token_mean(tokens[:, :n_f].float(), f_mask).cpu().numpy()  # (B, D_F)
+        t1_vectors = tokens[:, n_f:].float().mean(dim=1).cpu().numpy()  # (B, D_S)
         has_fmri, has_t1 = f_mask.any(dim=1).tolist(), s_mask.any(dim=1).tolist()
         for row, key in enumerate(zip(batch["dataset"], batch["subject"])):
             hub.add(key, hub_vectors[row])
@@ -220,6 +341,12 @@ def extract_embeddings(
     }
 
 
+def _check_grid(*, harmonizer: Harmonizer, n_patches: int, samples: Path) -> None:
+    if n_patches != harmonizer.config.n_patches:
+        raise BHInputError(samples, f"samples are padded to {n_patches} patches, the bundle's Harmonizer reads "
+                           f"{harmonizer.config.n_patches}", f"set augment.max_patches: {harmonizer.config.n_patches}")
+
+
 def extract_latents(
     *,
     bundle: Path,
@@ -232,38 +359,37 @@ def extract_latents(
     batch_size: int = 8,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Step function: packed frozen-encoder tokens of one dataset's samples, for fine-tuning.
+    """Step function: a latent store of one downstream dataset's samples, for fine-tuning.
 
     Encoded from the dataset's derivatives with the bundle's models and scaling
-    statistics (as :func:`extract_embeddings`). Writes
-    ``out_latents`` (``torch.save``): ``format``, ``dataset`` and ``subject``
-    (one per row), ``x`` float32 ``(n_rows, N_S + N_F, D + 1)`` (see module doc),
-    ``harmonizer_checkpoint`` (its path in the bundle). A subject's rows are its
-    fMRI samples (runs and TR variants) paired with its T1, or its single
-    T1-only row.
+    statistics (as :func:`extract_embeddings`), in the format of
+    :mod:`bh_models.models.latents` (the pretraining cache's). A subject's rows are
+    its fMRI samples (runs and TR variants) paired with its T1, or its single T1-only row.
+
+    Returns
+    -------
+    dict
+        ``n_rows`` and the token array's ``shape`` per row.
     """
+    from bh_models.core.hashing import sha256_file
+
     torch.set_num_threads(max(1, threads))
     device = torch.device("cpu")
     fmri_model, t1_model, harmonizer, meta = load_bundle_models(bundle=Path(bundle), settings=settings,
                                                                 device=device)
-    width = max(harmonizer.config.dim_s, harmonizer.config.dim_f)
-    rows, datasets, subjects = [], [], []
-    for batch in derivative_batches(samples=Path(samples), timeseries=timeseries, t1_tensors=t1_tensors,
-                                    dataset=dataset, scaling=Path(meta["root"]) / meta["scaling"],
-                                    batch_size=batch_size, device=device):
-        z_s, s_mask, z_f, f_mask = encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model)
-        rows += list(pack_latents(z_s, s_mask, z_f, f_mask, width=width))  # each (N_S + N_F_batch, D + 1)
-        datasets += batch["dataset"]
-        subjects += batch["subject"]
-    if not rows:
+    root = Path(meta["root"])
+    paired, n_patches = derivative_pairs(samples=Path(samples), timeseries=timeseries, t1_tensors=t1_tensors,
+                                         dataset=dataset, scaling=root / meta["scaling"])
+    if len(paired) == 0:
         raise BHInputError(samples, f"dataset {dataset} has no sample to encode",
                            "check its preprocessing outputs and exclusions")
-    n_s, n_rois = harmonizer.n_s_tokens, harmonizer.config.n_rois
-    patches = max((len(row) - n_s) // n_rois for row in rows)  # batches crop to their own longest sample
-    x = torch.stack([pad_patches(row, n_s=n_s, n_rois=n_rois, patches=patches) for row in rows])
-    order = sorted(range(len(rows)), key=lambda i: (datasets[i], subjects[i], i))
-    save_checkpoint(Path(out_latents), {  # atomic, canonical bytes: reruns are byte-identical
-        "format": LATENTS_FORMAT, "dataset": [str(datasets[i]) for i in order],
-        "subject": [str(subjects[i]) for i in order], "x": x[order].contiguous(), "n_s": n_s, "n_rois": n_rois,
-        "harmonizer_checkpoint": meta["checkpoints"]["harmonizer"]})
-    return {"n_rows": len(rows), "shape": list(x.shape[1:])}
+    _check_grid(harmonizer=harmonizer, n_patches=n_patches, samples=Path(samples))
+    checkpoints = meta["checkpoints"]
+    folder = write_latents(
+        paired=paired, n_patches=n_patches, fmri_model=fmri_model, t1_model=t1_model, out_latents=Path(out_latents),
+        batch_size=batch_size, device=device,
+        meta={"dataset": dataset, "split": "all",
+              "encoders": {kind: sha256_file(path=root / checkpoints[kind]) for kind in ("harmonix_f", "harmonix_s")},
+              "harmonizer_checkpoint": checkpoints["harmonizer"]})
+    index = pd.read_csv(folder / "index.tsv", sep="\t")
+    return {"n_rows": len(index), "shape": [harmonizer.n_tokens, fmri_model.config.embed_dim]}

@@ -119,26 +119,26 @@ def harmonix_f_cost(config: Any, *, n_patches: int, context: float | None = None
 
 
 def harmonizer_cost(config: Any, *, n_patches: int) -> SampleCost:
-    """Harmonizer per sample on cached latents: input projections, the encoder over T1 + hub + fMRI
-    tokens, and the two hub decoders (hub tokens + one query per rebuilt token)."""
+    """Harmonizer (as released) per sample on cached latents: the encoder over the class token, the
+    fMRI and T1 tokens and the hub tokens, and one decoder over the same positions.
+
+    ``n_patches`` is the fixed token grid of the latent store (the config's ``n_patches``
+    when the latents come from a store; padded patches are tokens too).
+    """
     n_s = int(np.prod(config.s_grid))
-    n_f = config.n_rois * n_patches
+    n = config.n_rois * n_patches + n_s
+    sequence = 1 + n + config.n_hub  # [cls | tokens | hubs]
     d, dd = config.embed_dim, config.decoder_dim
     forward = {
-        "input": linear_flops(tokens=n_s, fan_in=config.dim_s, fan_out=d)
-        + linear_flops(tokens=n_f, fan_in=config.dim_f, fan_out=d),
-        "encoder": transformer_forward_flops(tokens=n_s + config.n_hub + n_f, width=d, depth=config.depth,
+        "pre_map": linear_flops(tokens=n, fan_in=config.dim_f, fan_out=d) if config.dim_f != d else 0.0,
+        "encoder": transformer_forward_flops(tokens=sequence, width=d, depth=config.depth, mlp_ratio=config.mlp_ratio),
+        "decoder_embed": linear_flops(tokens=1 + config.n_hub, fan_in=d, fan_out=dd),
+        "decoder": transformer_forward_flops(tokens=sequence, width=dd, depth=config.decoder_depth,
                                              mlp_ratio=config.mlp_ratio),
-        "decoder_embed": 2 * linear_flops(tokens=config.n_hub, fan_in=d, fan_out=dd),
-        "decoders": transformer_forward_flops(tokens=config.n_hub + n_s, width=dd, depth=config.decoder_depth,
-                                              mlp_ratio=config.mlp_ratio)
-        + transformer_forward_flops(tokens=config.n_hub + n_f, width=dd, depth=config.decoder_depth,
-                                    mlp_ratio=config.mlp_ratio),
-        "decoder_pred": linear_flops(tokens=n_s, fan_in=dd, fan_out=config.dim_s)
-        + linear_flops(tokens=n_f, fan_in=dd, fan_out=config.dim_f),
+        "decoder_pred": linear_flops(tokens=sequence, fan_in=dd, fan_out=config.dim_f),
     }
-    detail = {key: (2 if key == "input" else 3) * value for key, value in forward.items()}
-    return SampleCost(flops=sum(detail.values()), tokens=n_s + n_f, detail=detail)
+    detail = {key: (2 if key == "pre_map" else 3) * value for key, value in forward.items()}
+    return SampleCost(flops=sum(detail.values()), tokens=n, detail=detail)
 
 
 def sample_cost(*, model: str, config: Any, n_patches: int) -> SampleCost:

@@ -7,9 +7,12 @@ resumes from ``<checkpoint stem>.resume.pt`` when the configuration matches.
 
 Training data come from the packed store of the pretraining datasets only,
 through :mod:`bh_models.models.data`: ``FmriShardDataset``, ``T1ShardDataset``,
-``collate_fmri``, ``collate_t1`` and ``paired_samples``. Embeddings of a (downstream) dataset are
-computed from its derivatives by the frozen models of a model bundle
-(:mod:`bh_models.models.bundle`), with the bundle's pretraining scaling statistics.
+``collate_fmri``, ``collate_t1`` and ``paired_samples``. The Harmonizer trains from latent stores
+(:mod:`bh_models.models.latents`): the frozen encoders' tokens of every training
+sample, computed once by :func:`bh_models.models.embeddings.cache_latents`, as the
+release's stage 0. Embeddings of a (downstream) dataset are computed from its
+derivatives by the frozen models of a model bundle (:mod:`bh_models.models.bundle`),
+with the bundle's pretraining scaling statistics.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from bh_models.core.errors import BHInputError
 from bh_models.core.jsonio import sidecar_path, write_json
 from bh_models.models.nn.configs import config_from_dict, config_to_dict, model_config
-from bh_models.models.nn.harmonix_f import HarmonixF, read_geometry
+from bh_models.models.latents import LatentStore, check_same_layout, collate_latents
+from bh_models.models.nn.harmonix_f import HarmonixF, read_geometry, read_gradients
 from bh_models.models.nn.harmonix_s import HarmonixS, grid_for_volume
 from bh_models.models.nn.harmonizer import Harmonizer
 from bh_models.models.train import (
@@ -44,8 +48,9 @@ from bh_models.models.train import (
 
 __desc__ = (
     "harmonix-F and harmonix-S were pretrained separately on the training split; the Harmonizer "
-    "was then trained on their frozen latent tokens. Subject embeddings were the mean of the "
-    "output hub tokens, averaged over each subject's runs and TR variants."
+    "was then trained on their frozen latent tokens, computed once, of the subjects with both "
+    "modalities. Subject embeddings were the mean of the output hub tokens, averaged over each "
+    "subject's runs and TR variants."
 )
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {"harmonix_f": HarmonixF, "harmonix_s": HarmonixS, "harmonizer": Harmonizer}
@@ -151,12 +156,12 @@ def data_identity(*, folders: Sequence[Path], scaling: Path | None = None, extra
     return digest.hexdigest()
 
 
-def _check_geometry(*, geometry: Path, n_rois: int) -> Tensor:
-    table = read_geometry(path=geometry)
+def _check_geometry(*, geometry: Path, n_rois: int, kind: str = "eigenmodes") -> Tensor:
+    table = (read_geometry if kind == "eigenmodes" else read_gradients)(path=geometry)
     if table.shape[0] != n_rois:
         raise BHInputError(
             geometry, f"{table.shape[0]} ROI rows but the packed store has {n_rois} ROIs",
-            "build the geometry table and the store with the same atlas",
+            f"build the {kind} table and the store with the same atlas",
         )
     return table
 
@@ -166,6 +171,7 @@ def pretrain_fmri(
     fmri: Sequence[Path],
     scaling: Path,
     geometry: Path,
+    gradients: Path,
     out_checkpoint: Path,
     out_metrics: Path,
     out_curve: Path,
@@ -200,6 +206,8 @@ def pretrain_fmri(
         The store's robust-scaling statistics (``<store>/scaling.json``).
     geometry : Path
         ROI x mode geometric embedding TSV (``name``, ``mode_001`` ..), rows in atlas order.
+    gradients : Path
+        ROI x gradient functional-gradient TSV (``name``, ``gradient_01`` ..), rows in atlas order.
     out_checkpoint : Path
         Final checkpoint (``.pt``) + JSON sidecar; ``<stem>.resume.pt`` beside it while running.
     out_metrics : Path
@@ -235,8 +243,10 @@ def pretrain_fmri(
         raise BHInputError(fmri[0], "no training fMRI samples in the store", "check the splits and the packed store")
     n_rois = int(dataset[0]["x"].shape[0])
     geometry_table = _check_geometry(geometry=Path(geometry), n_rois=n_rois)
+    gradient_table = _check_geometry(geometry=Path(gradients), n_rois=n_rois, kind="gradients")
     config = model_config(model="harmonix_f", size=model_size, overrides={
-        "n_rois": n_rois, "geometry_dim": int(geometry_table.shape[1]), **(model_overrides or {}),
+        "n_rois": n_rois, "geometry_dim": int(geometry_table.shape[1]),
+        "gradient_dim": int(gradient_table.shape[1]), **(model_overrides or {}),
     })
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
@@ -245,12 +255,12 @@ def pretrain_fmri(
         compile=compile, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )
     seed_everything(seed)
-    model = HarmonixF(config, geometry_table)
+    model = HarmonixF(config, geometry_table, gradient_table)
     result = train(
         model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=store_module.collate_fmri,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-F (JEPA)", context=context,
-        data_id=data_identity(folders=fmri, scaling=Path(scaling), extra=[Path(geometry)]),
+        data_id=data_identity(folders=fmri, scaling=Path(scaling), extra=[Path(geometry), Path(gradients)]),
     )
     summary = _summary(result, model, "harmonix_f")
     if context.is_main:
@@ -429,7 +439,7 @@ def collate_paired(items: list[dict[str, Any]], *, collate_fmri: Callable[[list]
     dict
         ``size``; ``fmri`` (collated by the store, or None) with ``fmri_rows`` (their
         positions in the batch); ``t1`` ``(b, 1, X, Y, Z)`` or None with ``t1_rows``;
-        ``subject`` and ``dataset`` lists.
+        ``subject``, ``dataset``, ``fmri_sample_id`` and ``t1_sample_id`` lists (None = missing).
     """
     fmri_rows = [i for i, item in enumerate(items) if item["fmri"] is not None]
     t1_rows = [i for i, item in enumerate(items) if item["t1"] is not None]
@@ -441,45 +451,56 @@ def collate_paired(items: list[dict[str, Any]], *, collate_fmri: Callable[[list]
         "t1_rows": torch.tensor(t1_rows, dtype=torch.long),
         "subject": [item["subject"] for item in items],
         "dataset": [item["dataset"] for item in items],
+        "fmri_sample_id": [None if item["fmri"] is None else str(item["fmri"].get("sample_id", ""))
+                           for item in items],
+        "t1_sample_id": [None if item["t1"] is None else str(item["t1"].get("sample_id", "")) for item in items],
     }
 
 
 def encode_latents(
-    batch: dict[str, Any], *, fmri_model: HarmonixF, t1_model: HarmonixS
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Frozen-encoder tokens of a paired batch, with the missing modality masked.
+    batch: dict[str, Any], *, fmri_model: HarmonixF, t1_model: HarmonixS, n_patches: int
+) -> tuple[Tensor, Tensor]:
+    """Frozen-encoder tokens of a paired batch as the Harmonizer reads them (the release's stage 0).
+
+    Parameters
+    ----------
+    batch : dict
+        From :func:`collate_paired`.
+    n_patches : int
+        Patches per ROI on the fixed fMRI grid (``augment.max_patches``); the fMRI items
+        must be padded to exactly this many.
 
     Returns
     -------
-    z_s : Tensor
-        ``(B, N_S, D_S)``, zeros for subjects without T1.
-    s_mask : Tensor
-        ``(B, N_S)`` bool.
-    z_f : Tensor
-        ``(B, R * P, D_F)``, zeros for subjects without fMRI.
-    f_mask : Tensor
-        ``(B, R * P)`` bool, False on padded patches and missing fMRI.
+    tokens : Tensor
+        ``(B, N_F + N_S, D)``: harmonix-F tokens of the full grid (ROI-major, padded
+        patches encoded as the release does), then harmonix-S tokens; zeros for a
+        missing modality.
+    mask : Tensor
+        ``(B, N_F + N_S)`` bool: False on padded patches and on a missing modality.
     """
     size = batch["size"]
-    n_rois = fmri_model.config.n_rois
+    n_rois, width = fmri_model.config.n_rois, fmri_model.config.embed_dim
+    if t1_model.config.embed_dim != width:
+        raise BHInputError("harmonix_s", f"token width {t1_model.config.embed_dim} != harmonix-F's {width}",
+                           "pretrain both encoders at the same model size")
+    n_f, n_s = n_rois * n_patches, int(np.prod(t1_model.config.grid))
     device = batch["fmri_rows"].device
+    tokens = torch.zeros(size, n_f + n_s, width, device=device)
+    mask = torch.zeros(size, n_f + n_s, dtype=torch.bool, device=device)
     with torch.no_grad():
         if batch["fmri"] is not None:
-            tokens, mask = fmri_model.encode(batch["fmri"])  # (b_f, R * P, D_F)
-            z_f = tokens.new_zeros(size, tokens.shape[1], tokens.shape[2]).index_copy(0, batch["fmri_rows"], tokens)
-            f_mask = mask.new_zeros(size, mask.shape[1]).index_copy(0, batch["fmri_rows"], mask)
-        else:  # one all-masked patch per ROI keeps the shapes valid
-            z_f = torch.zeros(size, n_rois, fmri_model.config.embed_dim, device=device)
-            f_mask = torch.zeros(size, n_rois, dtype=torch.bool, device=device)
-        n_s = int(np.prod(t1_model.config.grid))
+            grid = batch["fmri"]["patch_mask"].shape[1]
+            if grid != n_patches:
+                raise BHInputError("augment.max_patches", f"fMRI samples are padded to {grid} patches, the latent "
+                                   f"grid has {n_patches}", "pack and encode with the same augment.max_patches")
+            f_tokens, f_mask = fmri_model.encode(batch["fmri"], full_grid=True)  # (b_f, N_F, D)
+            tokens[batch["fmri_rows"], :n_f] = f_tokens.float()
+            mask[batch["fmri_rows"], :n_f] = f_mask
         if batch["t1"] is not None:
-            tokens = t1_model.encode(batch["t1"])  # (b_s, N_S, D_S)
-            z_s = tokens.new_zeros(size, n_s, tokens.shape[2]).index_copy(0, batch["t1_rows"], tokens)
-        else:
-            z_s = torch.zeros(size, n_s, t1_model.config.embed_dim, device=device)
-        s_mask = torch.zeros(size, n_s, dtype=torch.bool, device=device)
-        s_mask[batch["t1_rows"]] = True
-    return z_s, s_mask, z_f, f_mask
+            tokens[batch["t1_rows"], n_f:] = t1_model.encode(batch["t1"]).float()  # (b_s, N_S, D)
+            mask[batch["t1_rows"], n_f:] = True
+    return tokens, mask
 
 
 def _paired_dataset(*, fmri: Sequence[Path], t1: Sequence[Path], scaling: Path, split: str,
@@ -493,27 +514,49 @@ def _paired_dataset(*, fmri: Sequence[Path], t1: Sequence[Path], scaling: Path, 
     return dataset, functools.partial(collate_paired, collate_fmri=store_module.collate_fmri)
 
 
+def _check_tables(*, fmri_model: HarmonixF, geometry: Path, gradients: Path) -> None:
+    """The positional tables a harmonix-F checkpoint holds must equal the given ones."""
+    positions = fmri_model.encoder.pos_embed
+    for path, kind, trained_with in ((geometry, "eigenmodes", positions.eigenmodes),
+                                     (gradients, "gradients", positions.gradients)):
+        table = (read_geometry if kind == "eigenmodes" else read_gradients)(path=Path(path))
+        if table.shape != trained_with.shape or not torch.allclose(table, trained_with, rtol=1e-5, atol=1e-8):
+            raise BHInputError(path, f"differs from the {kind} table harmonix-F was pretrained with",
+                               "re-run pretrain_fmri with this table, or use the bundle's own tables")
+
+
 def _load_encoders(
-    *, fmri_checkpoint: Path, t1_checkpoint: Path, geometry: Path, device: torch.device
+    *, fmri_checkpoint: Path, t1_checkpoint: Path, geometry: Path, gradients: Path, device: torch.device
 ) -> tuple[HarmonixF, HarmonixS]:
     fmri_model = load_pretrained(checkpoint=fmri_checkpoint, kind="harmonix_f")
     t1_model = load_pretrained(checkpoint=t1_checkpoint, kind="harmonix_s")
-    geometry_table = read_geometry(path=Path(geometry))
-    trained_with = fmri_model.encoder.geometry
-    if geometry_table.shape != trained_with.shape or not torch.allclose(geometry_table, trained_with, atol=1e-5):
-        raise BHInputError(geometry, "differs from the geometry harmonix-F was pretrained with",
-                           "re-run pretrain_fmri with this geometry table")
+    _check_tables(fmri_model=fmri_model, geometry=Path(geometry), gradients=Path(gradients))
     return fmri_model.to(device), t1_model.to(device)
+
+
+def _latent_stores(*, latents: Sequence[Path], fmri_checkpoint: Path, t1_checkpoint: Path,
+                   paired_only: bool) -> tuple[list[LatentStore], dict[str, Any]]:
+    """The training latent stores, checked to come from these encoders and to share one layout."""
+    from bh_models.core.hashing import sha256_file
+
+    stores = [LatentStore(Path(folder), paired_only=paired_only) for folder in latents]
+    if not stores:
+        raise BHInputError("latents", "no latent store given", "run the cache_latents rule")
+    expected = {"harmonix_f": sha256_file(path=Path(fmri_checkpoint)), "harmonix_s": sha256_file(path=Path(t1_checkpoint))}
+    for store in stores:
+        made_by = store.meta.get("encoders", {})
+        for kind, digest in expected.items():
+            if made_by.get(kind) != digest:
+                raise BHInputError(store.folder, f"was encoded by another {kind} checkpoint",
+                                   "rerun cache_latents with the current encoders")
+    return stores, check_same_layout(stores)
 
 
 def pretrain_harmonizer(
     *,
+    latents: Sequence[Path],
     fmri_checkpoint: Path,
     t1_checkpoint: Path,
-    fmri: Sequence[Path],
-    t1: Sequence[Path],
-    scaling: Path,
-    geometry: Path,
     out_checkpoint: Path,
     out_metrics: Path,
     out_curve: Path,
@@ -534,27 +577,28 @@ def pretrain_harmonizer(
     num_workers: int = 0,
     pin_memory: bool = True,
     prefetch_factor: int = 2,
-    include_unpaired: bool = True,
+    include_unpaired: bool = False,
+    loss_on_padded: bool = True,
     model_overrides: dict[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Train the Harmonizer's hub tokens on frozen harmonix-S and harmonix-F tokens.
+    """Train the Harmonizer's hub tokens on the cached frozen-encoder tokens.
 
     Parameters
     ----------
+    latents : sequence of Path
+        Latent stores of the pretraining datasets' training samples
+        (:func:`bh_models.models.embeddings.cache_latents`), one token layout.
     fmri_checkpoint, t1_checkpoint : Path
-        Final checkpoints of :func:`pretrain_fmri` and :func:`pretrain_t1`.
-    fmri, t1 : sequence of Path
-        Packed fMRI and T1 dataset folders (paired by :func:`bh_models.models.data.paired_samples`).
-    scaling : Path
-        The store's robust-scaling statistics.
-    geometry : Path
-        The geometry table harmonix-F was trained with (checked).
+        The encoders that made the stores (checked by sha256).
     out_checkpoint, out_metrics, out_curve : Path
         As for :func:`pretrain_fmri`.
     include_unpaired : bool
-        Also train on subjects with one modality (the other is masked; see
-        :mod:`bh_models.models.nn.harmonizer`).
+        Also train on rows with one modality (the other masked out of attention and of
+        the loss); False, the release's choice, trains on paired rows only.
+    loss_on_padded : bool
+        True (the release): the loss averages over every token of the present
+        modalities, padded fMRI patches included; False: over real tokens only.
     model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip
         As for :func:`pretrain_fmri`.
     lr_scaling, activation_checkpointing, compile, num_workers, pin_memory, prefetch_factor, threads
@@ -569,20 +613,17 @@ def pretrain_harmonizer(
     """
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
-    fmri_model, t1_model = _load_encoders(
-        fmri_checkpoint=Path(fmri_checkpoint), t1_checkpoint=Path(t1_checkpoint), geometry=Path(geometry),
-        device=context.device,
-    )
-    config = model_config(model="harmonizer", size=model_size, overrides={
-        "dim_s": t1_model.config.embed_dim, "dim_f": fmri_model.config.embed_dim,
-        "s_grid": t1_model.config.grid, "n_rois": fmri_model.config.n_rois,
-        "include_unpaired": include_unpaired, **(model_overrides or {}),
-    })
-    dataset, collate = _paired_dataset(fmri=fmri, t1=t1, scaling=Path(scaling), split="train",
-                                       include_unpaired=config.include_unpaired)
+    stores, layout = _latent_stores(latents=latents, fmri_checkpoint=Path(fmri_checkpoint),
+                                    t1_checkpoint=Path(t1_checkpoint), paired_only=not include_unpaired)
+    dataset = ConcatDataset(stores)
     if len(dataset) == 0:
-        raise BHInputError(fmri[0], "no training subjects for the Harmonizer",
-                           "check the store's pairing, or set include_unpaired")
+        raise BHInputError(latents[0], "no training rows for the Harmonizer (paired subjects only by default)",
+                           "check the store's pairing, or set pretrain.harmonizer_subjects: all")
+    config = model_config(model="harmonizer", size=model_size, overrides={
+        "dim_s": layout["dim"], "dim_f": layout["dim"], "s_grid": tuple(layout["s_grid"]),
+        "n_rois": layout["n_rois"], "n_patches": layout["n_patches"], "include_unpaired": include_unpaired,
+        "loss_on_padded": loss_on_padded, **(model_overrides or {}),
+    })
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
         grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr=min_lr, weight_decay=weight_decay,
@@ -591,35 +632,38 @@ def pretrain_harmonizer(
     )
 
     def loss_fn(model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        return model(*encode_latents(batch, fmri_model=fmri_model, t1_model=t1_model))
+        return model(batch["tokens"], batch["mask"])
 
     seed_everything(seed)
     model = Harmonizer(config)
     result = train(
-        model=model, loss_fn=loss_fn, dataset=dataset, collate_fn=collate, config=train_config,
+        model=model, loss_fn=loss_fn, dataset=dataset, collate_fn=collate_latents, config=train_config,
         model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint), out_metrics=Path(out_metrics),
         out_curve=Path(out_curve), title="Harmonizer (hub tokens)", context=context,
-        data_id=data_identity(folders=[*fmri, *t1], scaling=Path(scaling),
-                              extra=[Path(geometry), Path(fmri_checkpoint), Path(t1_checkpoint)]),
+        data_id=data_identity(folders=[], extra=[Path(f) / name for f in latents for name in
+                                                 ("index.tsv", "latents.json")]),
     )
     summary = _summary(result, model, "harmonizer")
     if context.is_main:
         _write_training_sidecars(
             out_checkpoint=Path(out_checkpoint), out_metrics=Path(out_metrics), summary=summary, config=config,
             train_config=train_config,
-            description="Harmonizer with brain hub tokens, trained on frozen harmonix-S/F tokens",
+            description="Harmonizer with brain hub tokens, trained on cached frozen harmonix-F/S tokens",
         )
     return summary
 
 
 def load_frozen_models(
-    *, harmonizer_checkpoint: Path, fmri_checkpoint: Path, t1_checkpoint: Path, geometry: Path, device: torch.device
+    *, harmonizer_checkpoint: Path, fmri_checkpoint: Path, t1_checkpoint: Path, geometry: Path, gradients: Path,
+    device: torch.device,
 ) -> tuple[HarmonixF, HarmonixS, Harmonizer]:
     """The two pretrained encoders and the Harmonizer trained on them, checked to fit together."""
     fmri_model, t1_model = _load_encoders(fmri_checkpoint=fmri_checkpoint, t1_checkpoint=t1_checkpoint,
-                                          geometry=geometry, device=device)
+                                          geometry=geometry, gradients=gradients, device=device)
     harmonizer = load_pretrained(checkpoint=harmonizer_checkpoint, kind="harmonizer").to(device)
-    if (harmonizer.config.dim_s, harmonizer.config.dim_f) != (t1_model.config.embed_dim, fmri_model.config.embed_dim):
-        raise BHInputError(harmonizer_checkpoint, "was trained on encoders of other widths",
+    config = harmonizer.config
+    if (config.dim_s, config.dim_f, config.n_rois, tuple(config.s_grid)) != (
+            t1_model.config.embed_dim, fmri_model.config.embed_dim, fmri_model.config.n_rois, t1_model.config.grid):
+        raise BHInputError(harmonizer_checkpoint, "was trained on encoders of other widths or token grids",
                            "pass the harmonix-F/S checkpoints the Harmonizer was trained with")
     return fmri_model, t1_model, harmonizer

@@ -459,12 +459,19 @@ _RESUMABLE_SETTINGS = ("checkpoint_every", "num_workers", "pin_memory", "prefetc
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
-    """Switch activation checkpointing of every Transformer stack of ``model`` (modules with a
-    ``grad_checkpointing`` flag); returns how many stacks were switched."""
-    stacks = [module for module in model.modules() if isinstance(getattr(module, "grad_checkpointing", None), bool)]
-    for module in stacks:
-        module.grad_checkpointing = enabled
-    return len(stacks)
+    """Switch activation checkpointing of every Transformer stack of ``model``: modules with a
+    ``grad_checkpointing`` flag, or whose ``config`` dataclass has that field. Returns how many
+    modules were switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "grad_checkpointing", None), bool):
+            module.grad_checkpointing = enabled
+            switched += 1
+        config = getattr(module, "config", None)
+        if dataclasses.is_dataclass(config) and any(f.name == "grad_checkpointing" for f in dataclasses.fields(config)):
+            module.config = dataclasses.replace(config, grad_checkpointing=enabled)
+            switched += 1
+    return switched
 
 
 def _setup(model: nn.Module, dataset: Dataset, *, config: TrainConfig, model_config: dict, context: DistContext,

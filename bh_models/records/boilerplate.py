@@ -46,9 +46,10 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "Functional data preprocessing",
         ("bh_models.func.preprocess", "bh_models.func.motion", "bh_models.func.confounds", "bh_models.func.parcellate"),
     ),
-    ("Geometric embedding of the cortex", ("bh_models.geometry.eigenmodes",)),
+    ("Geometric embedding of the cortex", ("bh_models.geometry.eigenmodes", "bh_models.geometry.gradients")),
     ("Training data", ("bh_models.store.augment", "bh_models.store.scaling", "bh_models.store.splits", "bh_models.store.shards")),
-    ("Models and pretraining", ("bh_models.models.nn", "bh_models.models.train", "bh_models.models.bundle")),
+    ("Models and pretraining", ("bh_models.models.nn", "bh_models.models.train", "bh_models.models.latents",
+                                "bh_models.models.bundle")),
     ("Evaluation", ("bh_models.evaluation.targets", "bh_models.evaluation.evaluate")),
 )
 
@@ -122,6 +123,13 @@ CITATIONS: tuple[Citation, ...] = (
     ),
     Citation(
         "Dong",
+        "2024",
+        "Dong Z, Li R, Wu Y, Nguyen TT, Chong JSX, Ji F, Tong NRJ, Chen C, Zhou JH. Brain-JEPA: brain "
+        "dynamics foundation model with gradient positioning and spatiotemporal masking. Advances in "
+        "Neural Information Processing Systems (NeurIPS) 2024. arXiv:2409.19407",
+    ),
+    Citation(
+        "Dong",
         "2025",
         "Dong Z, et al. Brain Harmony: a multimodal foundation model unifying morphology and "
         "function into 1D tokens. Advances in Neural Information Processing Systems (NeurIPS) "
@@ -161,6 +169,13 @@ CITATIONS: tuple[Citation, ...] = (
         "2022",
         "He K, Chen X, Xie S, Li Y, Dollar P, Girshick R. Masked autoencoders are scalable "
         "vision learners. CVPR 2022. arXiv:2111.06377",
+    ),
+    Citation(
+        "Margulies",
+        "2016",
+        "Margulies DS, Ghosh SS, Goulas A, Falkiewicz M, Huntenburg JM, Langs G, Bezgin G, Eickhoff SB, "
+        "Castellanos FX, Petrides M, Jefferies E, Smallwood J. Situating the default-mode network along a "
+        "principal gradient of macroscale cortical organization. PNAS 2016;113(44):12574-12579",
     ),
     Citation(
         "Mölder",
@@ -225,6 +240,13 @@ CITATIONS: tuple[Citation, ...] = (
         "Vaswani A, Shazeer N, Parmar N, Uszkoreit J, Jones L, Gomez AN, Kaiser L, Polosukhin "
         "I. Attention is all you need. Advances in Neural Information Processing Systems 30 "
         "(NeurIPS) 2017. arXiv:1706.03762",
+    ),
+    Citation(
+        "Wael",  # "Vos de Wael et al. 2020": cited by the last word of the surname
+        "2020",
+        "Vos de Wael R, Benkarim O, Paquola C, Lariviere S, Royer J, Tavakol S, Xu T, Hong SJ, Langs G, "
+        "Valk S, Misic B, Milham M, Margulies D, Smallwood J, Bernhardt BC. BrainSpace: a toolbox for the "
+        "analysis of macroscale gradients in neuroimaging and connectomics datasets. Commun Biol 2020;3:103",
     ),
     Citation(
         "Wachinger",

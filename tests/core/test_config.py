@@ -27,7 +27,7 @@ def test_defaults_are_filled(tmp_path):
     assert config["seed"] == 42
     assert config["datasets"]["a"]["tr_factors"] == [1]
     assert config["datasets"]["a"]["tr_override"] is None
-    assert config["atlas"]["networks"] == 7
+    assert config["atlas"]["networks"] == 17  # the paper's Schaefer17n400p order
 
 
 def test_unknown_key_names_key_and_fix(tmp_path):

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from bh_models.geometry import eigenmodes as geometry
+from bh_models.core.templates import schaefer_7_to_17
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.templates import atlas_labels, atlas_source_file
 
@@ -309,7 +310,7 @@ def test_embedding_is_ordered_like_the_atlas_and_mode_1_is_constant_per_hemisphe
 def test_17_network_embedding_is_the_7_network_one_reordered(fslr):
     _, matrix7 = geometry.read_embedding(path=fslr["matrix_7"])
     _, matrix17 = geometry.read_embedding(path=fslr["matrix_17"])
-    mapping = geometry.schaefer_7_to_17()
+    mapping = schaefer_7_to_17()
     np.testing.assert_array_equal(matrix17[mapping - 1], matrix7)
 
 
@@ -331,7 +332,7 @@ def test_swapped_hemispheres_are_rejected(fslr, tmp_path):
 
 
 def test_7_to_17_mapping_is_a_hemisphere_preserving_bijection():
-    mapping = geometry.schaefer_7_to_17()
+    mapping = schaefer_7_to_17()
     assert sorted(mapping.tolist()) == list(range(1, 401))
     assert np.all((mapping <= 200) == (np.arange(1, 401) <= 200))
 

@@ -21,7 +21,8 @@ from bh_models.core.config import check_config
 from bh_models.core.errors import BHConfigError
 from bh_models.core.jsonio import write_json
 
-FILES = ("bundle.json", "MODEL_CARD.md", "scaling.json", "geometry_embedding.tsv", *CHECKPOINTS.values())
+FILES = ("bundle.json", "MODEL_CARD.md", "scaling.json", "geometry_embedding.tsv", "gradient_embedding.tsv",
+         *CHECKPOINTS.values())
 
 
 def make_bundle_folder(root, settings=None):

@@ -1,7 +1,7 @@
 """Data parallelism changes nothing but speed: 2 gloo processes x batch B == 1 process x 2B == 1 x B x 2 accumulation.
 
-The model is the (tiny) Harmonizer on synthetic latents: its loss is a mean over
-samples and it draws nothing at random, so the three runs see the same samples
+The model is the (tiny) Harmonizer on synthetic latents: every sample has the same
+number of loss tokens, so its loss is a mean over samples, and it draws nothing at random, so the three runs see the same samples
 in every optimiser step (the sampler gives rank r every other index of the
 epoch's order; one process takes them in order) and must reach the same weights
 after 5 AdamW steps with warm-up, cosine decay and gradient clipping, up to the
@@ -37,19 +37,19 @@ N_ROIS, PATCHES, S_GRID = 10, 2, (2, 2, 2)
 
 def latents(n: int = 24, dtype: torch.dtype = torch.float32) -> list[dict]:
     generator = torch.Generator().manual_seed(7)
-    n_s, n_f = 8, N_ROIS * PATCHES
-    return [{"z_s": torch.randn(n_s, 16, generator=generator, dtype=dtype), "s_mask": torch.ones(n_s, dtype=torch.bool),
-             "z_f": torch.randn(n_f, 16, generator=generator, dtype=dtype), "f_mask": torch.ones(n_f, dtype=torch.bool)}
-            for _ in range(n)]
+    n_tokens = N_ROIS * PATCHES + 8  # fMRI then T1 tokens, as the latent store holds them
+    return [{"tokens": torch.randn(n_tokens, 16, generator=generator, dtype=dtype),
+             "mask": torch.ones(n_tokens, dtype=torch.bool)} for _ in range(n)]
 
 
 def harmonizer_loss(model, batch, generator):
-    return model(batch["z_s"], batch["s_mask"], batch["z_f"], batch["f_mask"])
+    return model(batch["tokens"], batch["mask"])
 
 
 def build() -> tuple[Harmonizer, object]:
     config = model_config(model="harmonizer", size="tiny", overrides={
-        "dim_s": 16, "dim_f": 16, "s_grid": S_GRID, "n_rois": N_ROIS, "embed_dim": 32, "n_hub": 4})
+        "dim_s": 16, "dim_f": 16, "s_grid": S_GRID, "n_rois": N_ROIS, "n_patches": PATCHES, "embed_dim": 32,
+        "n_hub": 4})
     seed_everything(0)
     return Harmonizer(config), config
 

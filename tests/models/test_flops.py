@@ -54,7 +54,7 @@ def test_harmonix_s_formula_matches_the_counter():
 def test_harmonix_f_formula_matches_the_counter():
     config = model_config(model="harmonix_f", size="tiny", overrides={
         **SMALL, "n_rois": 40, "geometry_dim": 20, "predictor_dim": 64, "predictor_depth": 2})
-    model = HarmonixF(config, torch.randn(40, 20))
+    model = HarmonixF(config, torch.randn(40, 20), torch.randn(40, config.gradient_dim))
     n_patches = 6
     batch = {"x": torch.randn(1, 40, n_patches * 48), "patch_mask": torch.ones(1, n_patches, dtype=torch.bool),
              "k": torch.tensor([48])}
@@ -66,22 +66,23 @@ def test_harmonix_f_formula_matches_the_counter():
     assert counted == pytest.approx(expected, rel=0.02)
 
 
-def test_harmonizer_formula_matches_the_counter():
+@pytest.mark.parametrize("dim_in", [64, 48], ids=["raw-latents", "pre_map"])
+def test_harmonizer_formula_matches_the_counter(dim_in):
     config = model_config(model="harmonizer", size="tiny", overrides={
-        **SMALL, "dim_s": 64, "dim_f": 48, "s_grid": (4, 4, 3), "n_rois": 40, "n_hub": 8, "decoder_dim": 64,
-        "decoder_depth": 2})
+        **SMALL, "dim_s": dim_in, "dim_f": dim_in, "s_grid": (4, 4, 3), "n_rois": 40, "n_patches": 6, "n_hub": 8,
+        "decoder_dim": 64, "decoder_depth": 2})
     model = Harmonizer(config)
-    n_patches = 6
-    z_s, z_f = torch.randn(2, 48, 64), torch.randn(2, 40 * n_patches, 48)
-    s_mask, f_mask = torch.ones(2, 48, dtype=torch.bool), torch.ones(2, 40 * n_patches, dtype=torch.bool)
-    counted = counted_training_flops(lambda: model(z_s, s_mask, z_f, f_mask)[0])
-    expected = 2 * harmonizer_cost(config, n_patches=n_patches).flops
+    tokens = torch.randn(2, model.n_tokens, dim_in)
+    mask = torch.ones(2, model.n_tokens, dtype=torch.bool)
+    counted = counted_training_flops(lambda: model(tokens, mask)[0])
+    expected = 2 * harmonizer_cost(config, n_patches=6).flops
     assert counted == pytest.approx(expected, rel=0.01)
 
 
 def test_base_costs_and_rates_are_in_the_expected_range():
-    # Hand figures: the Harmonizer's encoder alone at 8,528 tokens is 3 x 12 x (24 N D^2 + 4 N^2 D) = 12.4 TFLOP.
+    # Hand figures: the Harmonizer's encoder alone over [cls | 8,400 tokens | 128 hubs] = 8,529 tokens is
+    # 3 x 12 x (24 N D^2 + 4 N^2 D) = 12.4 TFLOP.
     harmonizer = harmonizer_cost(model_config(model="harmonizer", size="base"), n_patches=18)
-    assert harmonizer.detail["encoder"] == pytest.approx(3 * 12 * (24 * 8528 * 768**2 + 4 * 8528**2 * 768))
+    assert harmonizer.detail["encoder"] == pytest.approx(3 * 12 * (24 * 8529 * 768**2 + 4 * 8529**2 * 768))
     assert 12e12 < harmonizer.flops < 20e12
     assert samples_per_s_at_mfu(flops_per_sample=1e12, mfu=0.4, peak=1e15) == pytest.approx(400.0)

@@ -139,8 +139,16 @@ def fake_store_module():
 
 
 def write_geometry(path: Path, modes: int = 5, seed: int = 0) -> Path:
-    values = np.random.default_rng(seed).normal(size=(N_ROIS, modes))
+    values = 0.01 * np.random.default_rng(seed).normal(size=(N_ROIS, modes))
     table = pd.DataFrame(values, columns=[f"mode_{i + 1:03d}" for i in range(modes)])
+    table.insert(0, "name", [f"roi{i}" for i in range(N_ROIS)])
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def write_gradients(path: Path, components: int = 4, seed: int = 0) -> Path:
+    values = 0.1 * np.random.default_rng(100 + seed).normal(size=(N_ROIS, components))
+    table = pd.DataFrame(values, columns=[f"gradient_{i + 1:02d}" for i in range(components)])
     table.insert(0, "name", [f"roi{i}" for i in range(N_ROIS)])
     table.to_csv(path, sep="\t", index=False)
     return path
@@ -155,17 +163,23 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, fake_store_module) -> dic
     root = tmp_path_factory.mktemp("pretrain")
     store = build_store(root / "store")
     geometry = write_geometry(root / "geometry.tsv")
-    out = {"root": root, "store": store, "geometry": geometry}
+    gradients = write_gradients(root / "gradients.tsv")
+    tables = {"geometry": geometry, "gradients": gradients}
+    out = {"root": root, "store": store, **tables}
     for name in ("fmri", "t1", "harmonizer"):
         out[name] = {kind: root / name / f"{name}_{suffix}" for kind, suffix in
                      (("out_checkpoint", "model.pt"), ("out_metrics", "metrics.tsv"), ("out_curve", "loss.png"))}
     fmri, t1 = {"fmri": store["fmri"], "scaling": store["scaling"]}, {"t1": store["t1"]}
-    out["fmri_summary"] = pretrain.pretrain_fmri(**fmri, geometry=geometry, **out["fmri"], **TRAIN)
+    out["fmri_summary"] = pretrain.pretrain_fmri(**fmri, **tables, **out["fmri"], **TRAIN)
     # The MAE decoder's 4,096-voxel head needs a larger step to move within 40 steps.
     out["t1_summary"] = pretrain.pretrain_t1(**t1, **out["t1"], **{**TRAIN, "lr": 1e-2})
+    encoders = {"fmri_checkpoint": out["fmri"]["out_checkpoint"], "t1_checkpoint": out["t1"]["out_checkpoint"]}
+    out["latents"] = root / "latents" / "synth"
+    out["cache_summary"] = embeddings.cache_latents(**encoders, **tables, **store, out_latents=out["latents"],
+                                                    dataset="synth", batch_size=4, threads=1)
     out["harmonizer_summary"] = pretrain.pretrain_harmonizer(
-        fmri_checkpoint=out["fmri"]["out_checkpoint"], t1_checkpoint=out["t1"]["out_checkpoint"],
-        **store, geometry=geometry, **out["harmonizer"], **{**TRAIN, "lr": 3e-3, "steps": HARMONIZER_STEPS},
+        latents=[out["latents"]], **encoders, **out["harmonizer"],
+        **{**TRAIN, "lr": 3e-3, "steps": HARMONIZER_STEPS},
     )
     return out
 
@@ -232,9 +246,10 @@ def write_bundle(pipeline: dict, root: Path, derivatives: dict) -> Path:
                  columns=["dataset", "subject", "split"]).to_csv(splits, sep="\t", index=False)
     make_bundle(fmri_checkpoint=root / CHECKPOINTS["harmonix_f"], t1_checkpoint=root / CHECKPOINTS["harmonix_s"],
                 harmonizer_checkpoint=root / CHECKPOINTS["harmonizer"], scaling=work / "scaling.json",
-                scaling_table=work / "scaling.tsv", geometry=pipeline["geometry"], splits=[splits],
-                samples=[derivatives["samples"]], out_bundle=root / "bundle.json", out_scaling=root / "scaling.json",
-                out_scaling_table=root / "scaling.tsv", out_geometry=root / "geometry_embedding.tsv",
+                scaling_table=work / "scaling.tsv", geometry=pipeline["geometry"], gradients=pipeline["gradients"],
+                splits=[splits], samples=[derivatives["samples"]], out_bundle=root / "bundle.json",
+                out_scaling=root / "scaling.json", out_scaling_table=root / "scaling.tsv",
+                out_geometry=root / "geometry_embedding.tsv", out_gradients=root / "gradient_embedding.tsv",
                 out_card=root / "MODEL_CARD.md", out_manifest=root / "SHA256SUMS", settings=SETTINGS, seed=0)
     return root
 
@@ -264,11 +279,42 @@ def test_tiny_pretraining_lowers_the_loss_by_30_percent(pipeline: dict, name: st
 
 
 def test_harmonizer_reconstructs_both_modalities(pipeline: dict) -> None:
-    for column in ("loss_s", "loss_f"):
-        first, last = loss_drop(pipeline["harmonizer"]["out_metrics"], column)
-        assert last <= 0.7 * first, column
+    """The release's loss weighs modalities by token count (here 96 fMRI vs 12 T1 tokens per row): the fMRI
+    reconstruction falls by 30 %, the T1 one falls too, more slowly."""
+    first_f, last_f = loss_drop(pipeline["harmonizer"]["out_metrics"], "loss_f")
+    first_s, last_s = loss_drop(pipeline["harmonizer"]["out_metrics"], "loss_s")
+    print(f"\nloss_f {first_f:.3f} -> {last_f:.3f}; loss_s {first_s:.3f} -> {last_s:.3f}")
+    assert last_f <= 0.7 * first_f and last_s < 0.97 * first_s
     config = load_checkpoint(pipeline["harmonizer"]["out_checkpoint"])["config"]["model"]
-    assert config["s_grid"] == (2, 2, 3) and config["n_rois"] == N_ROIS and config["include_unpaired"]
+    assert config["s_grid"] == (2, 2, 3) and config["n_rois"] == N_ROIS and config["n_patches"] == MAX_PATCHES
+    assert not config["include_unpaired"] and config["loss_on_padded"] and config["norm_pix_loss"]
+
+
+def test_the_latent_cache_holds_every_training_row_once(pipeline: dict) -> None:
+    """Stage 0: every training row (paired and one-modality) encoded once, in bf16, fMRI tokens first."""
+    from bh_models.models.latents import LatentStore
+
+    store = LatentStore(pipeline["latents"])
+    train = [s for s, (split, _, _) in SUBJECTS.items() if split == "train"]
+    assert sorted(set(store.subjects)) == train
+    paired = LatentStore(pipeline["latents"], paired_only=True)
+    assert set(paired.subjects) == {s for s in train if SUBJECTS[s][1] and SUBJECTS[s][2]}
+    assert pipeline["cache_summary"]["paired_rows"] == len(paired)
+    n_f = N_ROIS * MAX_PATCHES
+    item = paired[0]
+    assert item["tokens"].shape == (n_f + 12, 64) and item["mask"][n_f:].all()
+    # fMRI tokens equal a fresh encoding of the same sample (to bf16 precision).
+    fmri_model = pretrain.load_pretrained(checkpoint=pipeline["fmri"]["out_checkpoint"], kind="harmonix_f")
+    sample_id = store.index.loc[store.index["subject"] == item["subject"], "fmri_sample_id"].iloc[0]
+    items = torch.load(pipeline["store"]["fmri"][0].parents[1] / "fake_store.pt", weights_only=False)["fmri"]
+    sample = next(i for i in items if i["sample_id"] == sample_id)
+    tokens, mask = fmri_model.encode(fake_collate_fmri([sample]), full_grid=True)
+    first = int(np.flatnonzero((store.index["fmri_sample_id"] == sample_id).to_numpy())[0])
+    cached = store[first]
+    assert torch.equal(cached["mask"][:n_f], mask[0])
+    assert torch.allclose(cached["tokens"][:n_f], tokens[0], atol=0.02 * float(tokens.abs().max()))
+    t1_only = store.index["subject"] == "07"
+    assert not store.index.loc[t1_only, "has_fmri"].astype(bool).any()
 
 
 def test_t1_grid_follows_the_store(pipeline: dict) -> None:
@@ -314,7 +360,7 @@ def test_rerun_after_a_kill_resumes_to_identical_weights(pipeline: dict, tmp_pat
     outputs = {kind: tmp_path / f"fmri_{suffix}" for kind, suffix in
                (("out_checkpoint", "model.pt"), ("out_metrics", "metrics.tsv"), ("out_curve", "loss.png"))}
     kwargs = dict(fmri=pipeline["store"]["fmri"], scaling=pipeline["store"]["scaling"], geometry=pipeline["geometry"],
-                  **outputs, **TRAIN)
+                  gradients=pipeline["gradients"], **outputs, **TRAIN)
     # First attempt dies after step 25 (last checkpoint: step 20) without writing outputs.
     monkeypatch.setattr(pretrain, "train", functools.partial(train_module.train, stop_after=25))
     pretrain.pretrain_fmri(**kwargs)
@@ -327,12 +373,21 @@ def test_rerun_after_a_kill_resumes_to_identical_weights(pipeline: dict, tmp_pat
     assert all(torch.equal(resumed[key], reference[key]) for key in reference)
 
 
-def test_harmonizer_refuses_a_different_geometry(pipeline: dict, tmp_path: Path) -> None:
-    other = write_geometry(tmp_path / "other.tsv", seed=1)
-    with pytest.raises(BHInputError, match="geometry"):
+def test_the_latent_cache_refuses_other_positional_tables(pipeline: dict, tmp_path: Path) -> None:
+    encoders = {"fmri_checkpoint": pipeline["fmri"]["out_checkpoint"], "t1_checkpoint": pipeline["t1"]["out_checkpoint"]}
+    for key, other in (("geometry", write_geometry(tmp_path / "other.tsv", seed=1)),
+                       ("gradients", write_gradients(tmp_path / "other_g.tsv", seed=1))):
+        tables = {"geometry": pipeline["geometry"], "gradients": pipeline["gradients"], key: other}
+        with pytest.raises(BHInputError, match="eigenmodes" if key == "geometry" else "gradients"):
+            embeddings.cache_latents(**encoders, **tables, **pipeline["store"], out_latents=tmp_path / "l",
+                                     dataset="synth")
+
+
+def test_the_harmonizer_refuses_latents_of_other_encoders(pipeline: dict, tmp_path: Path) -> None:
+    with pytest.raises(BHInputError, match="another harmonix_s checkpoint"):
         pretrain.pretrain_harmonizer(
-            fmri_checkpoint=pipeline["fmri"]["out_checkpoint"], t1_checkpoint=pipeline["t1"]["out_checkpoint"],
-            **pipeline["store"], geometry=other, out_checkpoint=tmp_path / "h.pt",
+            latents=[pipeline["latents"]], fmri_checkpoint=pipeline["fmri"]["out_checkpoint"],
+            t1_checkpoint=pipeline["fmri"]["out_checkpoint"], out_checkpoint=tmp_path / "h.pt",
             out_metrics=tmp_path / "h.tsv", out_curve=tmp_path / "h.png", steps=1, batch_size=2, lr=1e-3, seed=0,
             checkpoint_every=1,
         )
@@ -346,7 +401,7 @@ def test_geometry_rows_must_match_the_store(fake_store_module, tmp_path: Path) -
     table.to_csv(geometry, sep="\t", index=False)
     with pytest.raises(BHInputError, match="ROI rows"):
         pretrain.pretrain_fmri(fmri=store["fmri"], scaling=store["scaling"], geometry=geometry,
-                               out_checkpoint=tmp_path / "f.pt",
+                               gradients=write_gradients(tmp_path / "g.tsv"), out_checkpoint=tmp_path / "f.pt",
                                out_metrics=tmp_path / "f.tsv", out_curve=tmp_path / "f.png",
                                steps=1, batch_size=2, lr=1e-3, seed=0, checkpoint_every=1)
 
@@ -373,40 +428,42 @@ def test_data_identity_changes_with_the_packed_data(tmp_path):
 
 
 def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dict, tmp_path: Path) -> None:
-    """extract_latents packs every sample; the fine-tuned model joins the evaluation on the probe's folds."""
+    """extract_latents writes a latent store (the cache's format); the fine-tuned model joins the evaluation."""
     from bh_models.evaluation.evaluate import evaluate_dataset
     from bh_models.evaluation.finetune import count_trainable_parameters, model_layers
-    from bh_models.models.latents import pack_latents, read_latents, unpack_latents
+    from bh_models.models.latents import LatentStore, read_latents, unpack_rows
     from bh_models.models.nn.hub_classifier import HubClassifier
 
     common = dict(**bundle, settings=SETTINGS, threads=1)
-    summary = embeddings.extract_latents(out_latents=tmp_path / "a.pt", **common)
-    embeddings.extract_latents(out_latents=tmp_path / "again" / "a.pt", **common)  # torch stores the name
-    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "again" / "a.pt").read_bytes()
-    datasets, subjects, x = read_latents(path=tmp_path / "a.pt")
-    assert set(subjects) == set(SUBJECTS) and len(subjects) == summary["n_rows"]
+    summary = embeddings.extract_latents(out_latents=tmp_path / "a", **common)
+    embeddings.extract_latents(out_latents=tmp_path / "again" / "a", **common)
+    for name in ("tokens.npy", "mask.npy", "index.tsv", "latents.json"):  # reruns are byte-identical
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "again" / "a" / name).read_bytes(), name
+    datasets, subjects, x = read_latents(path=tmp_path / "a")
+    assert set(subjects) == set(SUBJECTS) and len(subjects) == summary["n_rows"] == len(LatentStore(tmp_path / "a"))
     harmonizer = pretrain.load_pretrained(checkpoint=pipeline["harmonizer"]["out_checkpoint"], kind="harmonizer")
-    n_s, width = harmonizer.n_s_tokens, x.shape[-1] - 1
-    z_s, s_mask, z_f, f_mask = unpack_latents(x, n_s=n_s, dim_s=width, dim_f=width)
-    assert torch.equal(pack_latents(z_s, s_mask, z_f, f_mask, width=width), x)
-    t1_only = subjects == "07"
-    assert not f_mask[torch.from_numpy(t1_only)].any() and s_mask[torch.from_numpy(t1_only)].all()
+    tokens, mask = unpack_rows(x)
+    assert tokens.shape[1:] == (harmonizer.n_tokens, 64)
+    n_f = harmonizer.n_f_tokens
+    t1_only = torch.from_numpy(subjects == "07")
+    assert not mask[t1_only, :n_f].any() and mask[t1_only, n_f:].all()
     model = HubClassifier(harmonizer, 2)
     assert len(model_layers(model=model)) == harmonizer.config.depth + 2
-    with torch.no_grad():  # same hub tokens as the pretrained Harmonizer before any update
-        assert torch.allclose(model.fusion.fuse(z_s, s_mask, z_f, f_mask),
-                              harmonizer.fuse(z_s, s_mask, z_f, f_mask), atol=1e-6)
+    with torch.no_grad():  # the release's fine-tuning input: hub outputs before the final norm
+        features = harmonizer.forward_features(tokens, mask, final_norm=False)[:, 1:]
+        logits = model(x)
+        expected = model.head(model.fc_norm(features.mean(dim=1)))
+    assert torch.allclose(logits, expected, atol=1e-5)
 
-    # Rows of batches with fewer patches are padded per ROI: hub tokens equal the batch-wise extraction's.
+    # The cached rows give the hub embeddings of the batch-wise extraction.
     tables = tmp_path / "emb"
     embeddings.extract_embeddings(out_embeddings=tables / "hub.tsv", out_fmri_embeddings=tables / "f.tsv",
                                   out_t1_embeddings=tables / "s.tsv", **common)
     hub = pd.read_csv(tables / "hub.tsv", sep="\t", dtype={"subject": str}).set_index("subject")
     with torch.no_grad():
-        rows = harmonizer.hub_embedding(z_s, s_mask, z_f, f_mask).numpy()  # (n_rows, D)
-    assert (f_mask.sum(dim=1) % harmonizer.config.n_rois == 0).all()
+        rows = harmonizer.hub_embedding(tokens, mask).numpy()  # (n_rows, D)
     means = pd.DataFrame(rows).groupby(subjects).mean()
-    assert np.allclose(means.to_numpy(), hub.loc[means.index].iloc[:, 1:].to_numpy(), atol=1e-4)
+    assert np.allclose(means.to_numpy(), hub.loc[means.index].iloc[:, 1:].to_numpy(), atol=0.05)
 
     labels = sorted(SUBJECTS)
     participants = tmp_path / "participants.tsv"
@@ -419,7 +476,7 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dic
         fused=tables / "hub.tsv", fmri_only=tables / "hub.tsv", t1_only=tables / "hub.tsv",
         timeseries=[], participants=participants, dataset="synth",
         tasks={"diagnosis": {"column": "diagnosis", "type": "classification", "positive": "patient"}},
-        n_folds=3, n_repeats=1, n_permutations=3, latents=[tmp_path / "a.pt"],
+        n_folds=3, n_repeats=1, n_permutations=3, latents=[tmp_path / "a"],
         harmonizer_checkpoint=[pipeline["harmonizer"]["out_checkpoint"]],
         finetune={"enabled": True, "learning_rates": [1e-3], "layer_decays": [0.75], "max_epochs": 2,
                   "batch_size": 4}, **outputs)

@@ -142,3 +142,62 @@ def test_mixed_batch_matches_per_sample_embedding(tape: TemporalAdaptivePatchEmb
     for row, k in enumerate(patches.tolist()):
         alone = tape(x[row: row + 1], patch=k, n_patches=3)
         assert torch.allclose(mixed[row: row + 1], alone, atol=1e-6)
+
+
+def keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys' cubic convolution kernel (support [-2, 2])."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def antialiased_bicubic_matrix(source: int, target: int) -> np.ndarray:
+    """The (target, source) matrix of an anti-aliased bicubic resize, written from its definition.
+
+    Output sample i sits at input coordinate c = (i + 0.5) * s, s = source / target. When
+    downsampling (s > 1) the kernel is stretched by s (low-pass before resampling); its
+    support covers input samples j with |j + 0.5 - c| < 2 * max(s, 1); weights are
+    normalised to sum to 1 (PIL/PyTorch "antialias" convention, a = -0.5).
+    """
+    scale = source / target
+    stretch = max(scale, 1.0)
+    matrix = np.zeros((target, source))
+    for i in range(target):
+        centre = (i + 0.5) * scale
+        lo = max(int(centre - 2 * stretch + 0.5), 0)
+        hi = min(int(centre + 2 * stretch + 0.5), source)
+        j = np.arange(lo, hi)
+        weights = keys_cubic((j + 0.5 - centre) / stretch)
+        matrix[i, lo:hi] = weights / weights.sum()
+    return matrix
+
+
+@pytest.mark.parametrize("target", [12, 16, 18, 21, 24, 36, 48, 49, 96])
+def test_resize_is_the_papers_antialiased_bicubic_operator(target: int) -> None:
+    """R_k equals an independent construction of the anti-aliased bicubic resize, and the
+    resized weights are pinv(R_k^T) w (the release's FlexiPatchEmbed)."""
+    expected = antialiased_bicubic_matrix(48, target)
+    assert np.allclose(resize_matrix(source=48, target=target).numpy(), expected, atol=1e-12)
+    weight = torch.randn(8, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(target))
+    resized = weight.numpy() @ np.linalg.pinv(expected.T).T  # (D, k)
+    tape = TemporalAdaptivePatchEmbed(base_patch=48, embed_dim=8).double()
+    with torch.no_grad():
+        tape.weight.copy_(weight)
+    assert np.allclose(tape.weight_for(target).detach().numpy(), resized, atol=1e-9)
+
+
+def test_bicubic_resizing_keeps_tokens_at_least_as_consistent_as_bilinear(tape: TemporalAdaptivePatchEmbed) -> None:
+    """The measurement behind dropping the bilinear operator: per TR, the bicubic PI-resize gives
+    tokens at least as close (cosine, norm) to the k0 = 48 tokens of the same signal."""
+    reference = tape(sampled(0.735, 48), patch=48, n_patches=N_PATCHES).detach()
+    for tr, patch in ((1.47, 24), (2.205, 16), (2.94, 12)):
+        slow = sampled(tr, patch)
+        scores = {}
+        for mode in ("bilinear", "bicubic"):
+            operator = torch.linalg.pinv(resize_matrix(source=48, target=patch, mode=mode).T).float()  # (k, k0)
+            scores[mode] = similarity(embed(tape, slow, tape.weight.detach() @ operator.T, patch), reference)
+        print(f"\nk={patch} @{tr} s: bicubic cosine {scores['bicubic'][0]:.4f} (norm {scores['bicubic'][1]:.3f}), "
+              f"bilinear {scores['bilinear'][0]:.4f} (norm {scores['bilinear'][1]:.3f})")
+        assert scores["bicubic"][0] >= scores["bilinear"][0] - 1e-4
+        assert abs(scores["bicubic"][1] - 1) <= abs(scores["bilinear"][1] - 1)

@@ -322,9 +322,11 @@ def test_activation_checkpointing_switch_gives_the_same_gradients() -> None:
         seed_everything(0)
         config = model_config(model="harmonix_f", size="tiny", overrides={"n_rois": N_ROIS, "geometry_dim": 3})
         model = HarmonixF(config, torch.randn(N_ROIS, 3)).train()
-        # encoder, target encoder and predictor stacks
-        assert set_activation_checkpointing(model, enabled) == 3
-        assert all(m.grad_checkpointing is enabled for m in model.modules() if hasattr(m, "grad_checkpointing"))
+        assert set_activation_checkpointing(model, enabled) >= 3  # encoder, target encoder, predictor
+        flags = [getattr(m, "grad_checkpointing", None) for m in model.modules()]
+        flags += [m.config.grad_checkpointing for m in model.modules() if hasattr(getattr(m, "config", None),
+                                                                                    "grad_checkpointing")]
+        assert {f for f in flags if f is not None} == {enabled}
         loss, _ = model(collate_fmri(fmri_items(4)), torch.Generator().manual_seed(1))
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

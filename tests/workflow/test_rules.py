@@ -25,8 +25,8 @@ def _finetune(config):
     config["evaluate"]["finetune"] = {"enabled": True}
 
 
-def _networks_17(config):
-    config["atlas"]["networks"] = 17
+def _networks_7(config):
+    config["atlas"]["networks"] = 7
 
 
 def _ants(config):
@@ -50,7 +50,7 @@ def _two_downstream(config):
 VARIANTS = {
     "demo": (None, {"make_bundle", "extract_embeddings", "evaluate_dataset"}, {"extract_latents", "evaluate_pooled"}),
     "finetune": (_finetune, {"extract_latents"}, set()),
-    "networks-17": (_networks_17, {"func_preprocess"}, set()),
+    "networks-7": (_networks_7, {"func_preprocess"}, set()),
     "ants-skullstrip": (_ants, {"anat_preprocess"}, set()),
     "fd-threshold": (_fd_threshold, {"func_preprocess"}, set()),
     "one-dataset": (_one_dataset, {"pretrain_fmri", "extract_embeddings", "evaluate_dataset"}, {"evaluate_pooled"}),
@@ -156,5 +156,7 @@ def test_dry_run_matrix(name, tmp_path, layout):
     _, must, must_not = VARIANTS[name]
     assert must <= jobs, must - jobs
     assert not (must_not & jobs), must_not & jobs
-    if name == "networks-17":
-        assert "seg-17n" in plan and "seg-7n_scale-400_timeseries" not in plan
+    if name == "networks-7":
+        assert "seg-7n" in plan and "seg-17n_scale-400_timeseries" not in plan
+    if name == "demo":  # the paper's 17-network order by default
+        assert "seg-17n_scale-400_timeseries" in plan and "seg-7n_scale-400_timeseries" not in plan

@@ -28,9 +28,9 @@ from workflow_utils import REPO, make_workdir, manifest, results_manifest, sha25
 pytestmark = pytest.mark.slow
 
 RULES = ["index_dataset", "dataset_description", "anat_preprocess", "anat_qc_table", "func_preprocess",
-         "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "augment_samples",
-         "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
-         "pretrain_harmonizer", "make_bundle", "extract_embeddings", "evaluate_dataset", "exclusion_table",
+         "func_qc_table", "geometry_eigenmodes", "geometry_project", "geometry_plot", "geometry_gradients",
+         "augment_samples", "make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
+         "cache_latents", "pretrain_harmonizer", "make_bundle", "extract_embeddings", "evaluate_dataset", "exclusion_table",
          "boilerplate", "audit"]
 # What a new downstream dataset may cost on a finished run: its own preprocessing, sample
 # plan, embedding and evaluation, and the cohort-level tables, methods, report and audit.
@@ -38,7 +38,8 @@ ADDING_A_DOWNSTREAM_DATASET = {"index_dataset", "dataset_description", "anat_pre
                                "func_preprocess", "func_qc_table", "augment_samples", "extract_embeddings",
                                "evaluate_dataset", "exclusion_table", "boilerplate", "audit", "all"}
 PRETRAINING_RULES = {"make_splits", "pack_fmri", "pack_t1", "store_scaling", "pretrain_fmri", "pretrain_t1",
-                     "pretrain_harmonizer", "make_bundle", "geometry_eigenmodes", "geometry_project"}
+                     "cache_latents", "pretrain_harmonizer", "make_bundle", "geometry_eigenmodes", "geometry_project",
+                     "geometry_gradients"}
 
 
 def test_dry_run_lists_every_rule(tmp_path, demo_root):
@@ -229,12 +230,12 @@ def test_a_bundle_trained_on_other_inputs_is_refused_before_any_job(reference_ru
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config.update(datasets={"siteC": config["datasets"]["siteC"]},
                   model={"bundle": str(reference_run / "results" / "models")})
-    config["atlas"]["networks"] = 17
+    config["atlas"]["networks"] = 7
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     done = snakemake(workdir, "-n", "--cores", "2", check=False)
     assert done.returncode != 0
     message = done.stdout + done.stderr
-    assert "atlas.networks" in message and "is 17 in this config" in message and "trained with 7" in message
+    assert "atlas.networks" in message and "is 7 in this config" in message and "trained with 17" in message
 
 
 def test_evaluation_covers_every_task_model_and_baseline(reference_run):

@@ -34,6 +34,7 @@ class HarmonixFConfig:
 
     n_rois: int = 400
     geometry_dim: int = 200  # M, columns of the geometric eigenmode matrix; set from the TSV
+    gradient_dim: int = 30  # columns of the functional-gradient matrix; set from the TSV
     base_patch: int = 48  # k0 of TAPE (48 frames at TR 0.735 s = tau 35.28 s)
     embed_dim: int = 768
     depth: int = 12
@@ -44,6 +45,16 @@ class HarmonixFConfig:
     predictor_heads: int = 12
     ema_start: float = 0.996  # EMA momentum of the target encoder, ramped linearly ...
     ema_end: float = 1.0  # ... to this value over training (I-JEPA)
+    masking: str = "brain_jepa"  # "brain_jepa" (the paper's) or "block" (see models.nn.masking)
+    # brain_jepa scheme: Brain-JEPA's ukb_vitb_ep300.yaml values
+    observation_roi_scale: tuple[float, float] = (0.84, 1.0)  # enc_mask_scale, ROI share
+    observation_time_scale: tuple[float, float] = (0.84, 1.0)  # enc_mask_scale, patch share
+    cross_roi_roi_scale: tuple[float, float] = (0.45, 0.6)  # pred_mask_R_scale
+    cross_roi_time_scale: tuple[float, float] = (0.2, 0.6)  # pred_mask_T_roi_scale
+    cross_time_roi_scale: tuple[float, float] = (0.15, 0.3)  # pred_mask_R_roi_scale
+    cross_time_time_scale: tuple[float, float] = (0.0, 0.4)  # pred_mask_T_scale
+    edge_fraction: float = 0.3  # edge patches of the cross-time targets: 3 of Brain-JEPA's 10
+    # block scheme
     target_blocks: int = 4  # JEPA target blocks per sample
     target_roi_fraction: tuple[float, float] = (0.15, 0.3)  # share of ROIs per block
     target_time_fraction: tuple[float, float] = (0.3, 0.6)  # share of a sample's real patches per block
@@ -75,12 +86,13 @@ class HarmonixSConfig:
 
 @dataclass(frozen=True)
 class HarmonizerConfig:
-    """Harmonizer: hub tokens fused from frozen harmonix-S and harmonix-F tokens."""
+    """Harmonizer (the release's ``OneTokRegViT``): hub tokens fused from frozen encoder latents."""
 
     dim_s: int = 768  # width of harmonix-S tokens
-    dim_f: int = 768  # width of harmonix-F tokens
+    dim_f: int = 768  # width of harmonix-F tokens (must equal dim_s: one token sequence)
     s_grid: tuple[int, int, int] = (10, 12, 10)  # harmonix-S patch grid
     n_rois: int = 400
+    n_patches: int = 18  # fMRI patches per ROI on the fixed token grid (augment.max_patches)
     n_hub: int = 128
     embed_dim: int = 768
     depth: int = 12
@@ -89,8 +101,18 @@ class HarmonizerConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
-    include_unpaired: bool = True  # train on one-modality subjects too (the missing one is masked)
+    norm_pix_loss: bool = True  # targets normalised per token (the release's --norm_pix_loss)
+    loss_on_padded: bool = True  # the release's loss covers padded fMRI tokens; False = real tokens only
+    include_unpaired: bool = False  # the release trains on paired subjects only
     grad_checkpointing: bool = False
+
+    @property
+    def n_f_tokens(self) -> int:
+        return self.n_rois * self.n_patches
+
+    @property
+    def n_s_tokens(self) -> int:
+        return self.s_grid[0] * self.s_grid[1] * self.s_grid[2]
 
 
 _FACTORIES: dict[str, dict[str, Any]] = {
@@ -109,7 +131,8 @@ _FACTORIES: dict[str, dict[str, Any]] = {
     "harmonizer": {
         "base": HarmonizerConfig,
         "tiny": lambda: HarmonizerConfig(
-            embed_dim=64, depth=2, num_heads=4, n_hub=8, decoder_dim=32, decoder_depth=1, decoder_heads=4,
+            dim_s=64, dim_f=64, embed_dim=64, depth=2, num_heads=4, n_hub=8, decoder_dim=32, decoder_depth=1,
+            decoder_heads=4,
         ),
     },
 }

@@ -45,6 +45,10 @@ def fit_volume(volume: Tensor, img_size: tuple[int, int, int]) -> Tensor:
     return volume
 
 
+#: Channel order of the 3-D sine-cosine table in the release (its numpy meshgrid swaps the first two axes).
+RELEASE_AXES = (1, 0, 2)
+
+
 class HarmonixS(nn.Module):
     """3-D MAE: encoder ``(B, 1, X, Y, Z) -> (B, N, D)`` plus a pretraining decoder."""
 
@@ -58,7 +62,9 @@ class HarmonixS(nn.Module):
         patch, width = config.patch_size, config.embed_dim
         self.patch_embed = nn.Conv3d(1, width, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("pos_embed", sincos_grid(dim=width, grid=config.grid), persistent=False)  # (N, D)
+        # The release's 3-D table: channel blocks [axis 1 | axis 0 | axis 2] (MAE's 'xy' meshgrid). Saved with
+        # the model (as the release's fixed Parameter), so an imported table is used as it is.
+        self.register_buffer("pos_embed", sincos_grid(dim=width, grid=config.grid, channel_axes=RELEASE_AXES))
         self.encoder = Transformer(
             dim=width, depth=config.depth, num_heads=config.num_heads,
             mlp_ratio=config.mlp_ratio, grad_checkpointing=config.grad_checkpointing,
@@ -66,7 +72,7 @@ class HarmonixS(nn.Module):
         self.decoder_embed = nn.Linear(width, config.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_dim))
         self.register_buffer(
-            "decoder_pos_embed", sincos_grid(dim=config.decoder_dim, grid=config.grid), persistent=False
+            "decoder_pos_embed", sincos_grid(dim=config.decoder_dim, grid=config.grid, channel_axes=RELEASE_AXES)
         )  # (N, Dd)
         self.decoder = Transformer(
             dim=config.decoder_dim, depth=config.decoder_depth, num_heads=config.decoder_heads,

@@ -1,211 +1,200 @@
-"""The Harmonizer: brain hub tokens fused from frozen harmonix-S and harmonix-F tokens.
+"""The Harmonizer as released (``OneTokRegViT``): brain hub tokens fused from frozen encoder latents.
+
+Input
+    One token sequence per subject, ``(N, D_in)`` with ``N = N_F + N_S``: the frozen
+    harmonix-F tokens first (ROI-major ``r * P + p`` on the fixed grid of ``n_patches``
+    patches per ROI, padded patches included), then the harmonix-S tokens
+    (``a * gy * gz + b * gz + c``): the raw encoder outputs (after each encoder's final
+    LayerNorm), with no input projection when ``D_in`` equals the Harmonizer width (the
+    release's ``add_pre_mapping=False``; a ``pre_map`` Linear otherwise). A token mask
+    ``(N,)`` marks padded fMRI patches (and, for the unpaired option, a missing modality).
 
 Encoder
-    Input ``[Z_S ; H ; Z_F]``: the frozen encoders' latent tokens (each linearly
-    projected to the Harmonizer width, plus a fixed sine-cosine position on its
-    own grid and a learned modality embedding) around ``n_hub`` learnable hub
-    tokens ``H``. A Transformer mixes them; the output hub tokens are the
-    subject's representation (their mean is the embedding used downstream).
+    ``x + pos[1:]`` with ONE fixed 1-D sine-cosine over the concatenated index
+    ``0 .. N - 1`` (fMRI first, then T1); a class token (``cls_token + pos[0]``, row 0 of
+    the table is zero) in front; ``n_hub`` learned hub tokens (``latent_tokens`` +
+    ``enc_latent_token_positional_embedding``) appended at the end. Padded tokens are
+    dropped from attention as keys and queries. Output: the class token and the hub
+    tokens after the final LayerNorm; the subject embedding is the mean hub token.
 
-Decoders
-    Two decoders rebuild ``Z_S`` and ``Z_F`` **from the output hub tokens only**:
-    each decoder sees the hub tokens plus one query per token to rebuild, and a
-    query carries nothing but a learned mask token and its position, so all
-    information about the subject must pass through the hubs.
+Decoder (ONE decoder over all positions, as released)
+    ``[cls | N mask queries | n_hub hubs]``: the embedded class token, a mask token plus a
+    1-D sine-cosine position for every input token, and the embedded hub tokens plus a
+    learned decoder position; no attention mask. The queries carry nothing about the
+    subject, so everything the decoder rebuilds passes through the hub (and class) tokens.
 
 Loss
-    ``||D_S(H) - Z_S||^2 + ||D_F(H) - Z_F||^2``: mean squared error over
-    feature channels, averaged over the *real* tokens of each sample (padded
-    fMRI patches are excluded, unlike the authors' release), then over the
-    samples that have that modality; the two modality terms are added.
-
-Unpaired subjects
-    A subject with one modality enters with the other modality's tokens all
-    masked: they are dropped as attention keys (the hubs never see them) and
-    the missing modality's reconstruction term is zero for that sample. Hub
-    tokens are therefore learned from every subject, and the embedding of a
-    one-modality subject is defined the same way at extraction time. Set
-    ``include_unpaired=False`` to train on paired subjects only.
+    Per-token normalised targets (``norm_pix_loss``: minus the token's mean over the
+    ``D_in`` channels, divided by ``sqrt(unbiased variance + 1e-6)``), mean squared error
+    averaged over every token of the present modalities, padded fMRI tokens included, as
+    released. ``loss_on_padded=False`` (our improvement, an option) averages over real
+    tokens only. A subject's missing modality (``include_unpaired`` training) never
+    enters the loss.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bh_models.models.nn.blocks import Transformer, init_weights, masked_token_mean, sincos_grid
+from bh_models.models.nn.blocks import LAYER_NORM_EPS, init_weights, make_blocks, run_blocks, sincos_1d
 from bh_models.models.nn.configs import HarmonizerConfig
 
 __desc__ = (
-    "The Harmonizer ({embed_dim} wide, {depth} layers, {num_heads} heads) fused the frozen "
-    "harmonix-S and harmonix-F tokens with {n_hub} learnable brain hub tokens; two decoders "
-    "({decoder_dim} wide, {decoder_depth} layers, {decoder_heads} heads) reconstructed each "
-    "modality's tokens from the hub tokens alone, with a mean-squared-error loss over real "
-    "(non-padded) tokens. Subjects with a single modality were included with the missing "
-    "modality masked out of attention and of the loss."
+    "The Harmonizer ({embed_dim} wide, {depth} layers, {num_heads} heads) fused the frozen harmonix-F "
+    "and harmonix-S latent tokens, one sequence with a single sine-cosine position over both "
+    "modalities, with a class token and {n_hub} learnable brain hub tokens; one decoder ({decoder_dim} "
+    "wide, {decoder_depth} layers, {decoder_heads} heads) rebuilt every input token from the hub and class "
+    "tokens, with a mean-squared-error loss on per-token normalised targets (as the authors' release)."
 )
 
 
-class HubDecoder(nn.Module):
-    """Rebuild a token sequence from hub tokens: queries hold only mask token + position."""
+def fixed_positions(*, n_tokens: int, dim: int) -> Tensor:
+    """``(1 + N, dim)``: a zero row (class token), then the 1-D sine-cosine of ``0 .. N - 1``."""
+    table = sincos_1d(dim=dim, positions=torch.arange(n_tokens))  # (N, dim)
+    return torch.cat([torch.zeros(1, dim), table], dim=0)
 
-    def __init__(
-        self, *, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, out_dim: int, n_hub: int,
-        grad_checkpointing: bool = False,
-    ) -> None:
-        super().__init__()
-        self.embed = nn.Linear(in_dim, dim)
-        self.hub_position = nn.Parameter(torch.zeros(1, n_hub, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.transformer = Transformer(
-            dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, grad_checkpointing=grad_checkpointing
-        )
-        self.pred = nn.Linear(dim, out_dim)
 
-    def forward(self, hub: Tensor, query_positions: Tensor, query_mask: Tensor) -> Tensor:
-        """Predict the tokens at ``query_positions``.
-
-        Parameters
-        ----------
-        hub : Tensor
-            ``(B, N_hub, D)`` output hub tokens.
-        query_positions : Tensor
-            ``(N_q, dim)`` positions of the tokens to rebuild.
-        query_mask : Tensor
-            ``(B, N_q)`` bool, True = real token (padded queries are not attention keys).
-
-        Returns
-        -------
-        Tensor
-            ``(B, N_q, out_dim)``.
-        """
-        batch, n_hub, _ = hub.shape
-        hubs = self.embed(hub) + self.hub_position  # (B, N_hub, dim)
-        queries = (self.mask_token + query_positions[None].to(hubs.dtype)).expand(batch, -1, -1)  # (B, N_q, dim)
-        x = torch.cat([hubs, queries], dim=1)  # (B, N_hub + N_q, dim)
-        mask = torch.cat([torch.ones(batch, n_hub, dtype=torch.bool, device=hub.device), query_mask], dim=1)
-        return self.pred(self.transformer(x, mask)[:, n_hub:])  # (B, N_q, out_dim)
+def normalised_targets(tokens: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-token normalisation over the channels: ``(t - mean) / sqrt(var_unbiased + eps)``."""
+    mean = tokens.mean(dim=-1, keepdim=True)
+    var = tokens.var(dim=-1, keepdim=True)  # unbiased, as torch.var and the release
+    return (tokens - mean) / (var + eps).sqrt()
 
 
 class Harmonizer(nn.Module):
-    """Hub-token fusion of T1 and fMRI latents, with dual reconstruction decoders."""
+    """Hub-token fusion of harmonix-F and harmonix-S latents with one reconstruction decoder."""
 
     def __init__(self, config: HarmonizerConfig) -> None:
         super().__init__()
+        if config.dim_s != config.dim_f:
+            raise ValueError(f"harmonix-S width {config.dim_s} != harmonix-F width {config.dim_f}: the "
+                             "Harmonizer reads one token sequence")
         self.config = config
-        width = config.embed_dim
-        self.input_s = nn.Linear(config.dim_s, width)
-        self.input_f = nn.Linear(config.dim_f, width)
-        self.modality_s = nn.Parameter(torch.zeros(1, 1, width))
-        self.modality_f = nn.Parameter(torch.zeros(1, 1, width))
-        self.hub_tokens = nn.Parameter(torch.zeros(1, config.n_hub, width))
-        self.register_buffer("s_positions", sincos_grid(dim=width, grid=config.s_grid), persistent=False)
-        self.transformer = Transformer(
-            dim=width, depth=config.depth, num_heads=config.num_heads,
-            mlp_ratio=config.mlp_ratio, grad_checkpointing=config.grad_checkpointing,
-        )
-        decoder = dict(
-            in_dim=width, dim=config.decoder_dim, depth=config.decoder_depth, num_heads=config.decoder_heads,
-            mlp_ratio=config.mlp_ratio, n_hub=config.n_hub, grad_checkpointing=config.grad_checkpointing,
-        )
-        self.decoder_s = HubDecoder(out_dim=config.dim_s, **decoder)
-        self.decoder_f = HubDecoder(out_dim=config.dim_f, **decoder)
-        self.register_buffer(
-            "s_query_positions", sincos_grid(dim=config.decoder_dim, grid=config.s_grid), persistent=False
-        )
+        width, decoder, n_tokens = config.embed_dim, config.decoder_dim, self.n_tokens
+        self.pre_map = nn.Linear(config.dim_f, width) if config.dim_f != width else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("pos_embed", fixed_positions(n_tokens=n_tokens, dim=width), persistent=False)
+        self.latent_tokens = nn.Parameter(torch.zeros(config.n_hub, width))
+        self.enc_latent_token_positional_embedding = nn.Parameter(torch.zeros(config.n_hub, width))
+        self.blocks = make_blocks(dim=width, depth=config.depth, num_heads=config.num_heads,
+                                  mlp_ratio=config.mlp_ratio)
+        self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.decoder_embed = nn.Linear(width, decoder)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder))
+        self.register_buffer("decoder_pos_embed", fixed_positions(n_tokens=n_tokens, dim=decoder),
+                             persistent=False)
+        self.dec_latent_token_positional_embedding = nn.Parameter(torch.zeros(1, config.n_hub, decoder))
+        self.decoder_blocks = make_blocks(dim=decoder, depth=config.decoder_depth, num_heads=config.decoder_heads,
+                                          mlp_ratio=config.mlp_ratio)
+        self.decoder_norm = nn.LayerNorm(decoder, eps=LAYER_NORM_EPS)
+        self.decoder_pred = nn.Linear(decoder, config.dim_f)
         init_weights(self)
-        for parameter in (self.modality_s, self.modality_f, self.hub_tokens,
-                          self.decoder_s.hub_position, self.decoder_f.hub_position,
-                          self.decoder_s.mask_token, self.decoder_f.mask_token):
-            nn.init.trunc_normal_(parameter, std=0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for parameter in (self.latent_tokens, self.enc_latent_token_positional_embedding,
+                          self.dec_latent_token_positional_embedding):
+            nn.init.normal_(parameter)  # the release draws its hub tokens with torch.randn
+
+    @property
+    def n_f_tokens(self) -> int:
+        return self.config.n_f_tokens
 
     @property
     def n_s_tokens(self) -> int:
-        return self.s_positions.shape[0]
+        return self.config.n_s_tokens
 
-    def f_positions(self, *, dim: int, n_tokens: int, device: torch.device) -> Tensor:
-        """2-D sine-cosine positions of the fMRI grid (ROI, patch): ``(R * P, dim)``."""
-        n_patches = n_tokens // self.config.n_rois
-        return sincos_grid(dim=dim, grid=(self.config.n_rois, n_patches)).to(device)
+    @property
+    def n_tokens(self) -> int:
+        return self.config.n_f_tokens + self.config.n_s_tokens
 
-    def fuse(self, z_s: Tensor, s_mask: Tensor, z_f: Tensor, f_mask: Tensor) -> Tensor:
-        """Output hub tokens.
+    def _check(self, tokens: Tensor, mask: Tensor) -> None:
+        expected = (self.n_tokens, self.config.dim_f)
+        if tuple(tokens.shape[1:]) != expected or tuple(mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"tokens {tuple(tokens.shape)} / mask {tuple(mask.shape)}: expected (B, {expected[0]}, "
+                             f"{expected[1]}) fMRI-then-T1 tokens and a (B, {expected[0]}) mask")
+
+    def forward_features(self, tokens: Tensor, mask: Tensor, *, final_norm: bool = True) -> Tensor:
+        """Encoder output: the class token then the hub tokens, ``(B, 1 + n_hub, D)``.
 
         Parameters
         ----------
-        z_s : Tensor
-            ``(B, N_S, dim_s)`` harmonix-S tokens.
-        s_mask : Tensor
-            ``(B, N_S)`` bool, all False for a subject without T1.
-        z_f : Tensor
-            ``(B, R * P, dim_f)`` harmonix-F tokens (ROI-major).
-        f_mask : Tensor
-            ``(B, R * P)`` bool, False on padded patches and for a subject without fMRI.
-
-        Returns
-        -------
-        Tensor
-            ``(B, N_hub, D)``.
+        tokens : Tensor
+            ``(B, N_F + N_S, D_in)`` frozen-encoder tokens, fMRI first.
+        mask : Tensor
+            ``(B, N_F + N_S)`` bool, True = real token.
+        final_norm : bool
+            Apply the final LayerNorm (pretraining, probing); the release's fine-tuning
+            model drops it and normalises the mean hub token instead.
         """
-        batch = z_s.shape[0]
-        s_tokens = self.input_s(z_s) + self.s_positions.to(z_s.dtype) + self.modality_s  # (B, N_S, D)
-        f_positions = self.f_positions(dim=self.config.embed_dim, n_tokens=z_f.shape[1], device=z_f.device)
-        f_tokens = self.input_f(z_f) + f_positions.to(z_f.dtype) + self.modality_f  # (B, R * P, D)
-        hubs = self.hub_tokens.expand(batch, -1, -1)  # (B, N_hub, D)
-        x = torch.cat([s_tokens, hubs, f_tokens], dim=1)  # (B, N_S + N_hub + R * P, D)
-        hub_mask = torch.ones(batch, self.config.n_hub, dtype=torch.bool, device=z_s.device)
-        mask = torch.cat([s_mask, hub_mask, f_mask], dim=1)
-        x = self.transformer(x.masked_fill(~mask[..., None], 0.0), mask)
-        return x[:, self.n_s_tokens: self.n_s_tokens + self.config.n_hub]
+        self._check(tokens, mask)
+        batch = tokens.shape[0]
+        x = self.pre_map(tokens) if self.pre_map is not None else tokens
+        x = x + self.pos_embed[1:].to(x.dtype)  # (B, N, D)
+        cls = (self.cls_token + self.pos_embed[:1].to(x.dtype)).expand(batch, -1, -1)  # (B, 1, D)
+        hubs = (self.latent_tokens + self.enc_latent_token_positional_embedding).expand(batch, -1, -1)
+        x = torch.cat([cls, x, hubs.to(x.dtype)], dim=1)  # (B, 1 + N + n_hub, D)
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=mask.device)
+        full_mask = torch.cat([ones, mask, ones.expand(batch, self.config.n_hub)], dim=1)  # (B, 1 + N + n_hub)
+        x = run_blocks(self.blocks, x, full_mask, grad_checkpointing=self.config.grad_checkpointing)
+        if final_norm:
+            x = self.norm(x)
+        return torch.cat([x[:, :1], x[:, -self.config.n_hub:]], dim=1)  # (B, 1 + n_hub, D)
 
-    def forward(self, z_s: Tensor, s_mask: Tensor, z_f: Tensor, f_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Dual reconstruction loss (arguments as in :meth:`fuse`).
+    def forward_decoder(self, latent: Tensor) -> Tensor:
+        """Rebuild every input token from the class and hub tokens: ``(B, 1 + n_hub, D) -> (B, N, D_in)``."""
+        batch = latent.shape[0]
+        y = self.decoder_embed(latent)  # (B, 1 + n_hub, Dd)
+        queries = self.mask_token.to(y.dtype).expand(batch, self.n_tokens, -1)  # (B, N, Dd)
+        queries = torch.cat([y[:, :1], queries], dim=1) + self.decoder_pos_embed.to(y.dtype)  # (B, 1 + N, Dd)
+        hubs = y[:, 1:] + self.dec_latent_token_positional_embedding.to(y.dtype)  # (B, n_hub, Dd)
+        y = run_blocks(self.decoder_blocks, torch.cat([queries, hubs], dim=1),
+                       grad_checkpointing=self.config.grad_checkpointing)  # (B, 1 + N + n_hub, Dd)
+        return self.decoder_pred(self.decoder_norm(y))[:, 1: 1 + self.n_tokens]  # (B, N, D_in)
+
+    def loss_weights(self, mask: Tensor) -> Tensor:
+        """``(B, N)`` bool: the tokens the loss averages over (module doc)."""
+        if not self.config.loss_on_padded:
+            return mask
+        n_f = self.n_f_tokens
+        has_f = mask[:, :n_f].any(dim=1, keepdim=True).expand(-1, n_f)  # (B, N_F): the modality is present
+        has_s = mask[:, n_f:].any(dim=1, keepdim=True).expand(-1, self.n_s_tokens)  # (B, N_S)
+        return torch.cat([has_f, has_s], dim=1)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Reconstruction loss of a batch of latent sequences.
+
+        Parameters
+        ----------
+        tokens : Tensor
+            ``(B, N_F + N_S, D_in)``, fMRI first.
+        mask : Tensor
+            ``(B, N_F + N_S)`` bool, True = real token.
 
         Returns
         -------
         loss : Tensor
-            Scalar ``loss_s + loss_f``.
+            Scalar: mean squared error over the loss tokens (:meth:`loss_weights`).
         metrics : dict
-            ``loss_s``, ``loss_f``, and how many samples had each modality.
+            ``loss_f`` and ``loss_s``: the same error over each modality's real tokens.
         """
-        pred_s, pred_f = self.reconstruct(self.fuse(z_s, s_mask, z_f, f_mask), s_mask, f_mask)
-        loss_s, has_s = _modality_loss(pred_s, z_s, s_mask)
-        loss_f, has_f = _modality_loss(pred_f, z_f, f_mask)
-        metrics = {"loss_s": float(loss_s.detach()), "loss_f": float(loss_f.detach()),
-                   "samples_s": float(has_s), "samples_f": float(has_f)}
-        return loss_s + loss_f, metrics
-
-    def reconstruct(self, hub: Tensor, s_mask: Tensor, f_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Rebuild both token sequences from hub tokens alone (masks give only the layout).
-
-        Returns
-        -------
-        pred_s : Tensor
-            ``(B, N_S, dim_s)``.
-        pred_f : Tensor
-            ``(B, R * P, dim_f)`` with ``R * P = f_mask.shape[1]``.
-        """
-        f_queries = self.f_positions(dim=self.config.decoder_dim, n_tokens=f_mask.shape[1], device=hub.device)
-        pred_s = self.decoder_s(hub, self.s_query_positions, s_mask)
-        pred_f = self.decoder_f(hub, f_queries, f_mask)
-        return pred_s, pred_f
+        prediction = self.forward_decoder(self.forward_features(tokens, mask))  # (B, N, D_in)
+        target = tokens.float()
+        if self.config.norm_pix_loss:
+            target = normalised_targets(target)
+        token_error = (prediction.float() - target).pow(2).mean(dim=-1)  # (B, N)
+        weights = self.loss_weights(mask).to(token_error.dtype)
+        loss = (token_error * weights).sum() / weights.sum().clamp_min(1.0)
+        n_f = self.n_f_tokens
+        with torch.no_grad():
+            real = mask.to(token_error.dtype)
+            metrics = {
+                "loss_f": float((token_error[:, :n_f] * real[:, :n_f]).sum() / real[:, :n_f].sum().clamp_min(1)),
+                "loss_s": float((token_error[:, n_f:] * real[:, n_f:]).sum() / real[:, n_f:].sum().clamp_min(1)),
+            }
+        return loss, metrics
 
     @torch.no_grad()
-    def hub_embedding(self, z_s: Tensor, s_mask: Tensor, z_f: Tensor, f_mask: Tensor) -> Tensor:
-        """Mean of the output hub tokens: ``(B, D)``."""
-        return self.fuse(z_s, s_mask, z_f, f_mask).mean(dim=1)
-
-
-def _modality_loss(prediction: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """MSE over real tokens, averaged over samples that have the modality.
-
-    Returns the loss (0 when no sample has the modality; still a graph node so
-    every parameter takes part in every step, as DDP requires) and the count.
-    """
-    token_loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=-1)  # (B, N)
-    per_sample = masked_token_mean(token_loss, mask)  # (B,)
-    present = mask.any(dim=1)
-    count = present.sum()
-    total = torch.where(present, per_sample, torch.zeros_like(per_sample)).sum()
-    return total / count.clamp_min(1), count
+    def hub_embedding(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Mean of the output hub tokens (after the final LayerNorm): ``(B, D)``."""
+        return self.forward_features(tokens, mask)[:, 1:].mean(dim=1)

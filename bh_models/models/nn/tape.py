@@ -9,7 +9,15 @@ weights solve ``<x, w_k0> = <R_k x, w_k>`` in the least-squares sense, giving
 ``w_k = pinv(R_k^T) w_k0``. Tokens of the same signal then agree across TRs,
 whereas naively interpolating the weights changes their norm by k / k0.
 
-``pinv(R_k^T)`` depends only on (k0, k), so it is computed once per k and cached.
+``R_k`` is the authors' operator (``libs/flex_patch_embed.py`` of the release):
+PyTorch's anti-aliased **bicubic** resize (``F.interpolate(mode="bicubic",
+antialias=True, align_corners=False)``; Keys' cubic kernel with a = -0.5, its
+support widened by k0 / k when downsampling) of each one-hot basis vector.
+``pinv(R_k^T)`` depends only on (k0, k), so it is computed once per k and cached
+(float64 here; the release recomputes it in float32 at every forward, which
+differs from ours by float32 rounding only). Bilinear resizing is not offered: measured
+on band-limited signals it was no better at keeping tokens consistent across
+TRs (``tests/models/test_tape.py`` prints both).
 """
 
 from __future__ import annotations
@@ -23,16 +31,21 @@ from torch import Tensor, nn
 __desc__ = (
     "fMRI patches were embedded with TAPE (Dong et al. 2025): a linear patch embedding "
     "learned at {base_patch} frames, resized to each sample's patch size k with the "
-    "pseudo-inverse resize of FlexiViT (Beyer et al. 2023; bilinear, anti-aliased resampling)."
+    "pseudo-inverse resize of FlexiViT (Beyer et al. 2023; bicubic, anti-aliased resampling, as "
+    "in the authors' release)."
 )
 
 
-def resize_matrix(*, source: int, target: int) -> Tensor:
+RESIZE_MODE = "bicubic"
+
+
+def resize_matrix(*, source: int, target: int, mode: str = RESIZE_MODE) -> Tensor:
     """Matrix of the 1-D resampling from ``source`` to ``target`` samples.
 
-    Bilinear interpolation with anti-aliasing (a triangle filter widened when
-    downsampling), as FlexiViT uses in 2-D; anti-aliasing matters: without it
-    a factor-3 downsampling just drops two frames in three.
+    Anti-aliased bicubic interpolation, as the authors' TAPE (a cubic filter
+    widened when downsampling); anti-aliasing matters: without it a factor-3
+    downsampling just drops two frames in three. ``mode="bilinear"`` is kept for
+    the comparison in the tests and the benchmark only.
 
     Returns
     -------
@@ -40,7 +53,7 @@ def resize_matrix(*, source: int, target: int) -> Tensor:
         ``(target, source)`` float64 ``R`` with ``resize(x) = R @ x``.
     """
     basis = torch.eye(source, dtype=torch.float64)[:, None, None, :]  # (source, 1, 1, source)
-    resized = F.interpolate(basis, size=(1, target), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(basis, size=(1, target), mode=mode, antialias=True, align_corners=False)
     return resized[:, 0, 0, :].T.contiguous()  # (target, source)
 
 
