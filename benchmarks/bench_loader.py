@@ -3,17 +3,20 @@
 A synthetic store at the paper's scale is packed with the store stage's own
 functions: UK Biobank-like fMRI runs (400 ROIs x 490 frames at TR 0.735 s,
 TR factors 1-4, up to 18 patches), 1 mm T1 volumes (160 x 192 x 160, packed in
-bf16), and a bf16 latent store of Harmonizer rows (8,400 tokens x 768,
-uint16 bits + token mask, memory-mapped: the cached-latents format of issue
-18, simulated here). Each job's data then flows through the training loop's
-own iterator (``bh_models.models.train._batches``: the resumable sampler, the
-collate function, worker processes, prefetching) with 0, 2 and 4 workers:
+bf16), and a latent store of Harmonizer rows (8,400 tokens x 768 in bf16 + token
+mask: ``bh_models.models.latents``, written with its ``LatentWriter``). Each job's
+data then flows through the training loop's own iterator
+(``bh_models.models.train._batches``: the resumable sampler, the collate
+function, worker processes, prefetching) with 0, 2 and 4 workers:
 
 * fMRI samples (harmonix-F): ``FmriShardDataset`` + ``collate_fmri``;
-* T1 volumes (harmonix-S): ``T1ShardDataset`` (bf16 views of the memory map);
-* paired samples (Harmonizer encoding its inputs with the frozen encoders at
-  every step, as today): ``PairedSamples`` + ``collate_paired``;
-* cached latents (Harmonizer on the latent store): rows of the bf16 memmap.
+* T1 volumes (harmonix-S): ``T1ShardDataset`` + ``collate_t1`` (one ``preadv``
+  per volume into one batch buffer);
+* paired samples (``cache_latents``, the one-off encoding of every training
+  sample by both frozen encoders, forward only): ``PairedSamples`` + ``collate_paired``;
+* cached latents (the Harmonizer's training): ``LatentStore`` + ``collate_latents``
+  as ``pretrain_harmonizer`` reads them, and the same rows read in ``preadv``
+  batches (``bh_models.models.finetune.LatentRows``, the fine-tuning reader).
 
 Beside each rate: the samples/s one H100 consumes at 40 % MFU of its bf16 dense
 peak, from the FLOPs per sample of ``bh_models.models.flops`` at the base sizes,
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shutil
 import sys
 import time
@@ -42,14 +44,9 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_store import build_sources  # noqa: E402
 
-from bh_models.models.data import (  # noqa: E402
-    FmriShardDataset,
-    T1ShardDataset,
-    _batch_buffer,
-    collate_fmri,
-    collate_t1,
-    paired_samples,
-)
+from bh_models.models.data import FmriShardDataset, T1ShardDataset, collate_fmri, collate_t1, paired_samples  # noqa
+from bh_models.models.finetune import LatentRows  # noqa: E402
+from bh_models.models.latents import LatentStore, LatentWriter, collate_latents  # noqa: E402
 from bh_models.models.flops import (  # noqa: E402
     H100_BF16_DENSE_PEAK,
     sample_cost,
@@ -68,41 +65,26 @@ T1_SHAPE = (160, 192, 160)
 N_LATENT_TOKENS, LATENT_WIDTH = 8400, 768
 
 
-class LatentRows(Dataset):
-    """Rows of a bf16 latent store: ``tokens`` (N, D) bfloat16 and ``mask`` (N,) bool.
-
-    Read as T1 batches are (``T1ShardDataset.__getitems__``): one ``preadv`` per row
-    straight into one batch buffer (shared memory in a worker).
-    """
+class PreadLatents(Dataset):
+    """Latent-store rows read in ``preadv`` batches (:class:`bh_models.models.finetune.LatentRows`)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        header = np.load(folder / "tokens.npy", mmap_mode="r")
-        self.n, self.row_shape, self.offset = header.shape[0], header.shape[1:], header.offset
-        self.mask = np.load(folder / "mask.npy")
-        self._fd, self._pid = None, None
+        self.rows = LatentRows([folder])
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.rows)
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        if self._pid != os.getpid():  # opened per process (workers open their own)
-            self._fd, self._pid = os.open(self.folder / "tokens.npy", os.O_RDONLY), os.getpid()
-        batch = _batch_buffer((len(indices), *self.row_shape), torch.uint16)
-        row_bytes = int(np.prod(self.row_shape)) * 2
-        for b, i in enumerate(indices):
-            os.preadv(self._fd, [memoryview(batch[b].numpy()).cast("B")], self.offset + i * row_bytes)
-        tokens = batch.view(torch.bfloat16)
-        return [{"tokens": tokens[b], "mask": torch.from_numpy(self.mask[i])} for b, i in enumerate(indices)]
+    def __getitems__(self, indices: list[int]) -> dict:
+        tokens, mask = self.rows.batch(indices)
+        return {"tokens": tokens, "mask": mask}
 
     def __getitem__(self, i: int) -> dict:
-        return self.__getitems__([i])[0]
+        return self.__getitems__([i])
 
 
-def collate_latents(items: list[dict]) -> dict:
-    tokens = collate_t1([{"t1": item["tokens"], "subject": "", "dataset": "", "sample_id": "", "session": ""}
-                         for item in items])["t1"]  # the batch buffer itself, no copy
-    return {"tokens": tokens, "mask": torch.stack([item["mask"] for item in items])}
+def first(batch):
+    """Collate of :class:`PreadLatents`: the batch is read whole."""
+    return batch
 
 
 def build_store(work: Path, *, n_runs: int, n_t1: int, n_latents: int, seed: int) -> dict:
@@ -128,13 +110,14 @@ def build_store(work: Path, *, n_runs: int, n_t1: int, n_latents: int, seed: int
     pack_t1(t1_tensors=tensors, splits=splits, dataset="bench", out_dir=store / "t1" / "bench", threads=2)
     shutil.rmtree(work / "t1")  # float32 sources: only the bf16 shards are read
     latents = store / "latents" / "bench"
-    latents.mkdir(parents=True, exist_ok=True)
-    tokens = np.lib.format.open_memmap(latents / "tokens.npy", mode="w+", dtype=np.uint16,
-                                       shape=(n_latents, N_LATENT_TOKENS, LATENT_WIDTH))
+    writer = LatentWriter(latents, n_rows=n_latents, n_tokens=N_LATENT_TOKENS, dim=LATENT_WIDTH,
+                          meta={"n_rois": 400, "n_patches": 18, "s_grid": [10, 12, 10]})
     for i in range(n_latents):
-        tokens[i] = rng.integers(0x3C00, 0x4000, size=(N_LATENT_TOKENS, LATENT_WIDTH), dtype=np.uint16)
-    tokens.flush()
-    np.save(latents / "mask.npy", np.ones((n_latents, N_LATENT_TOKENS), dtype=bool))
+        tokens = torch.from_numpy(rng.standard_normal((1, N_LATENT_TOKENS, LATENT_WIDTH), dtype=np.float32))
+        writer.add(tokens, torch.ones(1, N_LATENT_TOKENS, dtype=torch.bool),
+                   [{"dataset": "bench", "subject": f"{i:05d}", "fmri_sample_id": "f", "t1_sample_id": "t",
+                     "has_fmri": 1, "has_t1": 1}])
+    writer.close()
     return {"fmri": store / "fmri" / "bench", "t1": store / "t1" / "bench", "scaling": store / "scaling.json",
             "latents": latents}
 
@@ -151,19 +134,20 @@ def jobs(paths: dict) -> dict:
     f_cost = sample_cost(model="harmonix_f", config=f_config, n_patches=18)
     s_cost = sample_cost(model="harmonix_s", config=s_config, n_patches=18)
     h_cost = sample_cost(model="harmonizer", config=h_config, n_patches=18)
-    # Encoding on the fly adds one forward pass of each frozen encoder over all its tokens.
+    # cache_latents: one forward pass of each frozen encoder over all its tokens.
     encode = f_cost.detail["target_encoder"] + s_cost.detail["patch_embed"] / 2 + transformer_forward_flops(
         tokens=1 + 1200, width=s_config.embed_dim, depth=s_config.depth, mlp_ratio=s_config.mlp_ratio)
     fmri_bytes = 400 * 18 * 48 * 4  # the padded item the model receives (float32)
     t1_bytes = int(np.prod(T1_SHAPE)) * 2
+    latent_bytes = N_LATENT_TOKENS * (LATENT_WIDTH * 2 + 1)
     return {
         "fMRI samples (harmonix-F)": (fmri, collate_fmri, fmri_bytes, f_cost.flops, 32),
         "T1 volumes (harmonix-S)": (t1, collate_t1, t1_bytes, s_cost.flops, 16),
-        "paired samples (Harmonizer, encoders per step)": (
-            paired, functools.partial(collate_paired, collate_fmri=collate_fmri), fmri_bytes + t1_bytes,
-            h_cost.flops + encode, 8),
-        "cached latents (Harmonizer)": (LatentRows(paths["latents"]), collate_latents,
-                                        N_LATENT_TOKENS * (LATENT_WIDTH * 2 + 1), h_cost.flops, 8),
+        "paired samples (cache_latents, forward)": (
+            paired, functools.partial(collate_paired, collate_fmri=collate_fmri), fmri_bytes + t1_bytes, encode, 8),
+        "cached latents (Harmonizer, LatentStore)": (LatentStore(paths["latents"]), collate_latents, latent_bytes,
+                                                     h_cost.flops, 8),
+        "cached latents (preadv batches)": (PreadLatents(paths["latents"]), first, latent_bytes, h_cost.flops, 8),
     }
 
 

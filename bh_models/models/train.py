@@ -323,12 +323,14 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms, tokens and positional/modality embeddings."""
+    """AdamW groups: no decay on biases and other 1-D parameters (norms), as all three releases
+    (timm's ``add_weight_decay`` in MAE and the Harmonizer, I-JEPA's groups in Brain-JEPA);
+    tokens and learned positions, 2-D and more, are decayed like weights."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        exempt = parameter.ndim < 2 or any(word in name for word in ("token", "position", "modality"))
+        exempt = parameter.ndim < 2 or name.endswith(".bias")
         (no_decay if exempt else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
