@@ -172,6 +172,15 @@ class LatentStore(Dataset):
         self.index = index.reset_index(drop=True)
         self._rows = self.index["row"].to_numpy()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers re-open the memory maps instead of receiving copies of the arrays.
+        return {key: value for key, value in self.__dict__.items() if key not in ("_tokens", "_mask")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tokens = np.load(self.folder / TOKENS_FILE, mmap_mode="r")
+        self._mask = np.load(self.folder / MASK_FILE, mmap_mode="r")
+
     @property
     def subjects(self) -> np.ndarray:
         return self.index["subject"].to_numpy(dtype=str)

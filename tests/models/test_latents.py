@@ -98,3 +98,14 @@ def test_not_a_store_and_mixed_layouts_are_refused(tmp_path):
     b = writer.close()
     with pytest.raises(BHInputError, match="different token layouts"):
         check_same_layout([LatentStore(a), LatentStore(b)])
+
+
+def test_a_pickled_store_reopens_its_memory_maps(tmp_path):
+    import pickle
+
+    folder, _, _ = write_store(tmp_path / "a", rows=400)
+    store = LatentStore(folder)
+    blob = pickle.dumps(store)
+    assert len(blob) < (folder / "tokens.npy").stat().st_size / 2  # no copy of the token array
+    again = pickle.loads(blob)
+    assert torch.equal(again[2]["tokens"], store[2]["tokens"])
