@@ -21,12 +21,6 @@ import pandas as pd
 from bh_models.core.errors import BHInputError
 from bh_models.evaluation.probe import Split
 
-__desc__ = (
-    "Optionally, the Harmonizer was fine-tuned end to end on each outer training fold of the same "
-    "cross-validation as the probes, and scored the held-out fold."
-)
-
-
 def split_label(label: str, *, dataset: str | None) -> tuple[str, str]:
     """``(dataset, subject)`` of an evaluation label: ``01`` of ``dataset``, or a pooled ``siteA/01``."""
     owner, _, subject = str(label).rpartition("/")

@@ -30,6 +30,7 @@ Data
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -58,6 +59,16 @@ __desc__ = (
     "{batch_size}) on the training folds of the linear probes' cross-validation, and scored the held-out "
     "fold after the last epoch."
 )
+
+
+def describe_methods(*, config: Any) -> str:
+    """The methods sentence with the configured recipe (schema defaults filled); empty when fine-tuning is off."""
+    from bh_models.core.config import apply_defaults, load_schema
+
+    settings = apply_defaults(copy.deepcopy(dict(config)), load_schema())["evaluate"]["finetune"]
+    if not settings.get("enabled"):
+        return ""
+    return __desc__.format(**{key: value for key, value in settings.items() if key != "enabled"})
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-__desc__ = (
-    "Model FLOPs utilisation (MFU) counted matrix-product FLOPs only (2 per multiply-add), 3x the "
-    "forward pass for trained parts and 1x for parts run without gradients."
-)
-
 #: bf16 dense peak of one H100 SXM (NVIDIA datasheet, without sparsity), FLOP/s.
 H100_BF16_DENSE_PEAK = 989.4e12
 

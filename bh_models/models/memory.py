@@ -37,12 +37,6 @@ from torch.utils._pytree import tree_flatten
 from bh_models.core.errors import BHInputError
 from bh_models.core.jsonio import read_json
 
-__desc__ = (
-    "GPU memory per sample was measured for each base model (training step with bf16 autocast, "
-    "with and without activation checkpointing) and the per-GPU batch sizes were chosen to fit "
-    "an 80 GB H100 with a margin."
-)
-
 MEMORY_TABLE = Path(__file__).with_name("memory_table.json")
 #: GiB held back on every GPU for the CUDA context, cuBLAS and NCCL workspaces and pinned buffers.
 CUDA_RESERVED_GB = 4.0

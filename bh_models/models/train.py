@@ -27,6 +27,7 @@ checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -53,11 +54,33 @@ from bh_models.core.jsonio import dumps
 from bh_models.models.lr_schedule import warmup_cosine_lr
 
 __desc__ = (
-    "Models were trained with AdamW (betas {betas}, weight decay {weight_decay}), batch size {batch_size} "
-    "per process x {grad_accum} accumulation steps, a linear warm-up of {warmup_steps} steps to a "
-    "learning rate of {lr} followed by cosine decay over {steps} steps, gradient clipping at norm "
-    "{grad_clip}, bf16 mixed precision on GPU, and a fixed seed ({seed})."
+    "Models were trained with AdamW, a linear warm-up then cosine decay of the learning rate, bf16 "
+    "mixed precision on GPU and a fixed seed."
 )
+
+
+def describe_methods(*, config: Any) -> str:
+    """The optimisation sentence with each model's effective settings under ``config`` (schema defaults filled)."""
+    from bh_models.core.config import apply_defaults, load_schema
+
+    config = apply_defaults(copy.deepcopy(dict(config)), load_schema())
+    pretrain = config["pretrain"]
+    world = max(1, pretrain["gpus"])
+    parts = []
+    for section, name in (("fmri", "harmonix-F"), ("t1", "harmonix-S"), ("harmonizer", "the Harmonizer")):
+        settings = pretrain[section]
+        train = TrainConfig(seed=config["seed"], **settings)
+        scaled = (f" ({settings['lr']:g} x global batch / {LR_REFERENCE_BATCH})"
+                  if settings["lr_scaling"] == "linear" else "")
+        clip = f"gradient norm clipped at {settings['grad_clip']:g}" if settings["grad_clip"] > 0 else "no clipping"
+        parts.append(
+            f"{name} for {settings['steps']} steps of {train.global_batch(world)} samples ({settings['batch_size']} "
+            f"per process x {settings['grad_accum']} accumulation x {world} process(es)), peak learning rate "
+            f"{train.peak_lr(world):.3g}{scaled} after {train.warmup} warm-up steps, decaying to {settings['min_lr']:g}, "
+            f"weight decay {settings['weight_decay']:g} (not on biases and norms), {clip}")
+    return (f"Models were trained with AdamW (betas 0.9, 0.95), a linear warm-up then cosine decay of the learning "
+            f"rate, bf16 mixed precision on GPU and a fixed seed ({config['seed']}): " + "; ".join(parts) + ".")
+
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
