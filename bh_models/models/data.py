@@ -168,6 +168,56 @@ def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
+class NpyRows:
+    """Rows of ``.npy`` arrays read with ``preadv`` straight into one batch buffer.
+
+    A row is ``(path, index)`` of a C-order array; the file's header gives the row
+    shape, and file descriptors are opened lazily, per process (DataLoader workers
+    open their own). One system call per row, no page faults through a memory map
+    and no stacking copy: ``benchmarks/bench_loader.py`` measures it against
+    memory-mapped items. Used for the T1 store, the latent stores and fine-tuning.
+    """
+
+    def __init__(self) -> None:
+        self._files = _ShardFiles()
+
+    def header(self, path: str | Path) -> tuple[np.dtype, tuple[int, ...]]:
+        """dtype and full shape of the array in ``path``."""
+        _, _, dtype, shape = self._files.get(str(path))
+        return dtype, shape
+
+    def read(self, rows: Sequence[tuple[str | Path, int]], *, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, *row_shape)`` tensor of the given rows, reinterpreted as ``dtype`` (same item size)."""
+        files = [self._files.get(str(path)) for path, _ in rows]
+        shape = files[0][3][1:]
+        if any(f[3][1:] != shape for f in files):
+            raise BHInputError(rows[0][0], "rows of several shapes in one batch",
+                               "write every array of one modality on the same grid")
+        row_bytes = int(np.prod(shape)) * files[0][2].itemsize
+        batch = _batch_buffer((len(rows), *shape), torch.uint8 if files[0][2].itemsize == 1 else torch.uint16)
+        if files[0][2].itemsize not in (1, 2):
+            raise ValueError("NpyRows reads 1- and 2-byte arrays (uint8, bf16 bits)")
+        for b, ((path, index), (fd, offset, _, _)) in enumerate(zip(rows, files)):
+            target = memoryview(batch[b].numpy()).cast("B")
+            if os.preadv(fd, [target], offset + int(index) * row_bytes) != row_bytes:
+                raise BHInputError(path, "is shorter than its header says", "rewrite this array (rerun its rule)")
+        return batch.view(dtype)
+
+
+def stack_batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` of the tensors, or, when they are the consecutive rows of one buffer (read by
+    :class:`NpyRows`), that buffer itself: no copy."""
+    first = tensors[0]
+    step = first.numel()
+    storage = first.untyped_storage()
+    whole = (first.storage_offset() == 0 and storage.nbytes() == len(tensors) * step * first.element_size()
+             and all(t.untyped_storage().data_ptr() == storage.data_ptr() and t.is_contiguous()
+                     and t.storage_offset() == b * step and t.dtype == first.dtype for b, t in enumerate(tensors)))
+    if whole:
+        return torch.empty(0, dtype=first.dtype).set_(storage, 0, (len(tensors), *first.shape))
+    return torch.stack(list(tensors))
+
+
 class T1ShardDataset(Dataset):
     """T1 tensors of one split from the given packed datasets (``<store>/t1/<dataset>`` folders).
 
@@ -192,7 +242,7 @@ class T1ShardDataset(Dataset):
         self._row = self.index["row"].to_numpy() if len(self.index) else np.zeros(0, dtype=np.int64)
         self._ids = self.index[["sample_id", "subject", "dataset", "session"]].to_numpy()
         self._cache = _ShardCache(mode="c")
-        self._files = _ShardFiles()
+        self._rows = NpyRows()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -206,41 +256,19 @@ class T1ShardDataset(Dataset):
         return self._item(i, t1_tensor(volume))
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        files = [self._files.get(self._paths[i]) for i in indices]
-        if not indices or any(dtype != T1_DTYPE for _, _, dtype, _ in files):
+        if not indices or any(self._rows.header(self._paths[i])[0] != T1_DTYPE for i in indices):
             return [self[i] for i in indices]  # float32 shards of an older store: rounded item by item
-        shape = files[0][3][1:]
-        if any(f[3][1:] != shape for f in files):
-            raise BHInputError(self._paths[indices[0]], "T1 shards of several volume shapes in one split",
-                               "repack every dataset on the same encoder grid")
-        batch = _batch_buffer((len(indices), 1, *shape), torch.uint16)  # (B, 1, X, Y, Z)
-        volume_bytes = int(np.prod(shape)) * T1_DTYPE.itemsize
-        for b, (i, (fd, offset, _, _)) in enumerate(zip(indices, files)):
-            target = memoryview(batch[b].numpy()).cast("B")
-            if os.preadv(fd, [target], offset + int(self._row[i]) * volume_bytes) != volume_bytes:
-                raise BHInputError(self._paths[i], "is shorter than its header says", "repack this dataset")
-        volumes = batch.view(torch.bfloat16)
-        return [self._item(i, volumes[b]) for b, i in enumerate(indices)]
+        batch = self._rows.read([(self._paths[i], self._row[i]) for i in indices], dtype=torch.bfloat16)
+        return [self._item(i, batch[b][None]) for b, i in enumerate(indices)]  # (1, X, Y, Z) views
 
 
 def collate_t1(items: Sequence[dict]) -> dict:
     """Batch T1 items: ``t1`` (B, 1, X, Y, Z) bfloat16 and the id lists.
 
     Items read together by :meth:`T1ShardDataset.__getitems__` are consecutive views
-    of one buffer, which is returned as it is; other items are stacked.
+    of one buffer, which is returned as it is (:func:`stack_batch`); other items are stacked.
     """
-    volumes = [item["t1"] for item in items]
-    first = volumes[0]
-    step = first.numel()
-    consecutive = all(v.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                      and v.storage_offset() == first.storage_offset() + b * step and v.is_contiguous()
-                      for b, v in enumerate(volumes))
-    if consecutive and first.storage_offset() == 0 and first.untyped_storage().nbytes() == \
-            len(volumes) * step * first.element_size():
-        batch = torch.empty(0, dtype=first.dtype).set_(first.untyped_storage(), 0, (len(volumes), *first.shape))
-    else:
-        batch = torch.stack(volumes)
-    out = {"t1": batch}
+    out = {"t1": stack_batch([item["t1"] for item in items])}
     for key in ("subject", "dataset", "sample_id", "session"):
         out[key] = [item[key] for item in items]
     return out

@@ -48,6 +48,7 @@ from torch import nn
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.finetuneformat import read_folds, write_predictions
 from bh_models.core.jsonio import read_json, sidecar_path, write_json
+from bh_models.models.data import NpyRows
 from bh_models.models.latents import MASK_FILE, TOKENS_FILE, LatentStore, check_same_layout, pack_rows
 from bh_models.models.lr_schedule import warmup_cosine_lr
 
@@ -151,9 +152,9 @@ class LatentRows:
     """Rows of one or more latent stores (one token layout), read in batches.
 
     ``batch(positions)`` reads the rows with one ``preadv`` each straight into one
-    ``(B, N, D)`` bf16 buffer (no page faults through a memory map, no stacking
-    copy) and returns it with the ``(B, N)`` token mask; ``dataset`` and
-    ``subject`` give every row's owner.
+    ``(B, N, D)`` bf16 buffer (:class:`bh_models.models.data.NpyRows`: no page faults
+    through a memory map, no stacking copy) and returns it with the ``(B, N)`` token
+    mask; ``dataset`` and ``subject`` give every row's owner.
     """
 
     def __init__(self, folders: Sequence[Path]) -> None:
@@ -166,42 +167,19 @@ class LatentRows:
         self._store = np.concatenate([np.full(len(s), i) for i, s in enumerate(self.stores)])
         self._row = np.concatenate([s.index["row"].to_numpy() for s in self.stores]).astype(np.int64)
         self._masks = [np.load(s.folder / MASK_FILE, mmap_mode="r") for s in self.stores]
-        headers = [np.load(s.folder / TOKENS_FILE, mmap_mode="r") for s in self.stores]
-        self._offsets = [int(h.offset) for h in headers]
-        self.row_shape = tuple(headers[0].shape[1:])  # (N, D)
-        self.row_bytes = int(np.prod(self.row_shape)) * 2
-        self._fds: list[int] | None = None
-        self._pid = None
+        self._tokens = [str(s.folder / TOKENS_FILE) for s in self.stores]
+        self._reader = NpyRows()
 
     def __len__(self) -> int:
         return len(self._row)
 
-    def _files(self) -> list[int]:
-        if self._pid != os.getpid():
-            self._fds, self._pid = [os.open(s.folder / TOKENS_FILE, os.O_RDONLY) for s in self.stores], os.getpid()
-        return self._fds  # type: ignore[return-value]
-
     def batch(self, positions: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens`` bf16 ``(B, N, D)`` and ``mask`` bool ``(B, N)`` of rows ``positions``."""
-        fds = self._files()
         positions = np.asarray(positions, dtype=np.int64)
-        buffer = torch.empty((len(positions), *self.row_shape), dtype=torch.uint16)
-        mask = np.empty((len(positions), self.row_shape[0]), dtype=bool)
-        for b, position in enumerate(positions):
-            store, row = int(self._store[position]), int(self._row[position])
-            read = os.preadv(fds[store], [memoryview(buffer[b].numpy()).cast("B")],
-                             self._offsets[store] + row * self.row_bytes)
-            if read != self.row_bytes:
-                raise BHInputError(self.stores[store].folder, "token array is shorter than its header says",
-                                   "rerun extract_latents")
-            mask[b] = self._masks[store][row]
-        return buffer.view(torch.bfloat16), torch.from_numpy(mask)
-
-    def close(self) -> None:
-        if self._fds is not None and self._pid == os.getpid():
-            for fd in self._fds:
-                os.close(fd)
-        self._fds = None
+        stores, rows = self._store[positions], self._row[positions]
+        tokens = self._reader.read([(self._tokens[s], r) for s, r in zip(stores, rows)], dtype=torch.bfloat16)
+        mask = np.stack([self._masks[s][r] for s, r in zip(stores, rows)])
+        return tokens, torch.from_numpy(mask)
 
 
 def _inputs(rows: LatentRows, positions: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -415,7 +393,6 @@ def finetune_harmonizer(
                                         "subject": subject, "score": float(np.mean(scores[lo:hi]))})
                 trainings.append({"task": task, "repeat": int(repeat), "fold": int(fold),
                                   "train_subjects": len(train), "train_rows": int(len(train_positions)), **info})
-    rows.close()
     with torch.random.fork_rng(devices=[]):
         n_parameters = sum(p.numel() for p in factory(2, recipe.drop_path).parameters() if p.requires_grad)
     frame = pd.DataFrame(predictions).sort_values(["task", "repeat", "subject", "dataset"], kind="stable")

@@ -108,7 +108,6 @@ def test_streaming_reader_gives_the_store_rows(setup: dict):
     assert tokens.dtype == torch.bfloat16 and tokens.shape == (4, N_TOKENS, DIM)
     assert torch.equal(tokens.float(), expected_tokens) and torch.equal(mask, expected_mask)
     assert list(rows.subject[positions]) == list(store.subjects[positions])
-    rows.close()
 
 
 def test_recipe_learns_a_separable_task(setup: dict):
@@ -174,3 +173,28 @@ def test_resources_follow_the_model_and_batch_not_the_rows(setup: dict, tmp_path
     assert ft.finetune_resources(latents=[big], batch_size=64)["mem_mb"] > large["mem_mb"]
     assert ft.finetune_resources(latents=[big], gpu=False)["runtime"] >= ft.finetune_resources(
         latents=[big], gpu=True)["runtime"] >= 30
+
+
+def test_latent_store_batches_are_read_together_and_collated_without_a_copy(setup: dict):
+    from bh_models.models.latents import collate_latents
+    from bh_models.models.train import DistContext, TrainConfig, _batches, move_to_device
+
+    store = LatentStore(setup["store"])
+    indices = [7, 2, 30]
+    items = store.__getitems__(indices)
+    batch = collate_latents(items)
+    assert batch["tokens"].dtype == torch.bfloat16 and batch["tokens"].shape == (3, N_TOKENS, DIM)
+    assert batch["tokens"].untyped_storage().data_ptr() == items[0]["tokens"].untyped_storage().data_ptr()
+    expected = collate_latents([store[i] for i in indices])  # the float32 item path
+    widened = move_to_device(batch, torch.device("cpu"))
+    assert torch.equal(widened["tokens"], expected["tokens"]) and torch.equal(batch["mask"], expected["mask"])
+    assert batch["subject"] == expected["subject"]
+    # The Harmonizer's training iterator gives the same batches with and without workers.
+    streams = []
+    for workers in (0, 2):
+        config = TrainConfig(steps=10, batch_size=4, lr=1e-3, seed=1, checkpoint_every=10, num_workers=workers)
+        context = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        stream = _batches(store, collate_latents, config=config, context=context, start_step=0)
+        streams.append([next(stream) for _ in range(3)])
+    for a, b in zip(*streams):
+        assert torch.equal(a["tokens"], b["tokens"]) and a["subject"] == b["subject"]
