@@ -119,6 +119,17 @@ def measure_model(name: str, *, autocast: bool) -> dict:
     return result
 
 
+def rounded(obj):
+    """Byte counts as integers, small floats to 6 decimals: a readable, stable table."""
+    if isinstance(obj, float):
+        return round(obj) if abs(obj) > 1000 else round(obj, 6)
+    if isinstance(obj, dict):
+        return {key: rounded(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(value) for value in obj]
+    return obj
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -159,7 +170,7 @@ def main() -> None:
                   f"{100 * part['check_relative_error']:.1f} % off; largest batch on {args.gpu_memory_gb:g} GB: "
                   f"{memory.max_batch(gpu_memory_gb=args.gpu_memory_gb, checkpointing=key == 'checkpointing_on')}")
     if args.write:
-        write_json(MEMORY_TABLE, {
+        write_json(MEMORY_TABLE, rounded({
             "Description": "Peak training-step memory of each base model (bf16 autocast, AdamW), measured on CPU "
                            "by benchmarks/bench_memory.py with TensorMemoryTracker and extrapolated to the full "
                            "depths; bh check-config predicts fixed_bytes + batch * per_sample_bytes",
@@ -174,7 +185,7 @@ def main() -> None:
                               "detail": {key: {k: v for k, v in entry[key].items() if k != "per_sample_bytes"}
                                          for key in ("checkpointing_off", "checkpointing_on")}}
                        for name, entry in table.items()},
-        })
+        }))
         print(f"wrote {MEMORY_TABLE}")
 
 

@@ -430,8 +430,9 @@ def finetune_resources(*, latents: Sequence[Path], harmonizer_checkpoint: Path |
       decoder-free attention workspace;
 
     with a 25 % margin. Run time: training FLOPs (3x forward, ``bh_models.models.flops``)
-    of every training and scoring pass at 40 % MFU of an H100, or 20 GFLOP/s per thread
-    on a CPU, doubled, at least 30 minutes.
+    of every training and scoring pass at 40 % MFU of an H100, or 2 GFLOP/s per thread
+    on a CPU (``benchmarks/bench_finetune.py`` measured 2 GFLOP/s on 2 busy cores with the
+    tiny model), doubled, at least 30 minutes.
     """
     from bh_models.models.flops import H100_BF16_DENSE_PEAK, transformer_forward_flops
 
@@ -449,7 +450,7 @@ def finetune_resources(*, latents: Sequence[Path], harmonizer_checkpoint: Path |
     mem_mb = int(1.25 * (600 * 2**20 + model_bytes + batch_bytes + activation_bytes) / 2**20)
     forward = transformer_forward_flops(tokens=sequence, width=width, depth=depth)
     flops = n_trainings * (epochs * n_rows * 3 * forward + n_rows * forward)  # every row trains ~ (k-1)/k of the time
-    rate = 0.4 * H100_BF16_DENSE_PEAK if gpu else 20e9 * max(1, threads)
+    rate = 0.4 * H100_BF16_DENSE_PEAK if gpu else 2e9 * max(1, threads)
     runtime = max(30, int(math.ceil(2 * flops / rate / 60)))
     return {"mem_mb": mem_mb, "runtime": runtime}
 

@@ -88,7 +88,7 @@ def test_check_config_shows_effective_settings_and_warns_on_a_batch_that_will_no
 
     assert main(["check-config", str(paper_config(tmp_path))]) == 0
     out, err = capsys.readouterr()
-    assert "harmonizer (harmonizer): 100000 steps, batch 16 per process x 1 accumulation x 8 GPU(s) = 128" in out
+    assert "harmonizer (harmonizer): 100000 steps, batch 8 per process x 2 accumulation x 8 GPU(s) = 128" in out
     assert "peak lr 0.00025 = 0.0005 x 128 / 256" in out
     assert "GPU memory:" in out and "DOES NOT FIT" not in out and "warning" not in err
     assert main(["check-config", str(paper_config(tmp_path, batch_size=64, activation_checkpointing=False))]) == 0
