@@ -77,8 +77,21 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     else:
         print(f"model: pretrained here on {', '.join(pretraining_datasets(config))}; bundle written to "
               f"{config['results_dir']}/models")
+        _print_training_plan(config)
     print(f"{args.configfile}: OK")
     return 0
+
+
+def _print_training_plan(config: dict) -> None:
+    """The effective training settings of each pretraining job, their cost, and the GPU-memory fit."""
+    from bh_models.models.training_plan import format_plan, training_plan
+
+    plan = training_plan(config)
+    print(f"training ({config['pretrain']['model_size']} models, {config['pretrain']['gpus']} GPU(s) per job):")
+    for line in format_plan(plan):
+        print(line)
+    for warning in plan["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:

@@ -147,6 +147,36 @@ def gpus():
     return config["pretrain"]["gpus"]
 
 
+# Fine-tuning (evaluate.finetune): the evaluation stage's folds, the models stage's scores.
+FINETUNE = config["evaluate"]["finetune"]["enabled"]
+FINETUNE_DIR = f"{RESULTS}/finetune"
+FINETUNE_FOLDS = f"{EVAL}/{{dataset}}_desc-finetune_folds.tsv"
+FINETUNE_FOLDS_POOLED = f"{EVAL}/pooled_desc-finetune_folds.tsv"
+HARMONIZER_CHECKPOINT = f"{BUNDLE}/{CHECKPOINTS['harmonizer']}"
+
+
+def finetune_recipe():
+    """The fine-tuning job's recipe keywords (evaluate.finetune without ``enabled``)."""
+    return {key: value for key, value in config["evaluate"]["finetune"].items() if key != "enabled"}
+
+
+def finetune_resources(input, datasets, threads):
+    """mem_mb and runtime of a fine-tuning job, from its latent stores' sizes and the model
+    (bh_models.models.finetune.finetune_resources); before the stores exist (planning, dry
+    runs) the sizes are unknown and the base-size defaults of the rule are used."""
+    from bh_models.models.finetune import finetune_resources as estimate
+
+    stores = [Path(p) for p in ([input.latents] if isinstance(input.latents, str) else input.latents)]
+    if not all((store / "latents.json").is_file() for store in stores):
+        return {"mem_mb": 32000, "runtime": 12 * 60}
+    n_tasks = max(len(config["datasets"][d]["targets"]) for d in datasets)
+    recipe = finetune_recipe()
+    return estimate(latents=stores, harmonizer_checkpoint=Path(input.harmonizer_checkpoint),
+                    batch_size=recipe["batch_size"], eval_batch_size=recipe["eval_batch_size"],
+                    epochs=recipe["epochs"], gpu=gpus() > 0, threads=threads,
+                    n_trainings=n_tasks * config["evaluate"]["n_repeats"] * config["evaluate"]["n_folds"])
+
+
 def bundle_inputs():
     """The model bundle's files, named as the embedding steps take them (``bundle`` + ``dep_*``)."""
     return bundle_paths(BUNDLE)

@@ -1,12 +1,68 @@
 # Downstream evaluation per downstream dataset (and pooled over them): linear
 # probes on the frozen embeddings (fused hub tokens, harmonix-F, harmonix-S),
 # the FC baseline and chance, on shared folds, with permutation tests.
-# With evaluate.finetune.enabled, the Harmonizer is fine-tuned as well, on the
-# frozen encoders' tokens that extract_latents (models.smk) packed once per dataset.
+# With evaluate.finetune.enabled, the Harmonizer is fine-tuned as well: this stage
+# writes the probes' folds (finetune_folds), the models stage's finetune job trains
+# on them from the latent stores of extract_latents (GPU when it has one), and the
+# evaluation reads its out-of-fold scores back as the fused_finetuned row.
 
 
-FINETUNE = config["evaluate"]["finetune"]["enabled"]
-HARMONIZER_CHECKPOINT = f"{BUNDLE}/{CHECKPOINTS['harmonizer']}"
+rule finetune_folds:
+    input:
+        fused=rules.extract_embeddings.output.out_embeddings,
+        fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
+        t1_only=rules.extract_embeddings.output.out_t1_embeddings,
+        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        participants=lambda w: bids_file(w, "participants.tsv"),
+    output:
+        out_folds=FINETUNE_FOLDS,
+    params:
+        step="bh_models.evaluation.evaluate:write_finetune_folds",
+        dataset=lambda w: w.dataset,
+        tasks=lambda w: dataset_entry(w)["targets"],
+        n_folds=config["evaluate"]["n_folds"],
+        n_repeats=config["evaluate"]["n_repeats"],
+        seed=SEED,
+    log:
+        log_path("finetune_folds", "{dataset}"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule finetune_folds_pooled:
+    input:
+        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=DOWNSTREAM),
+        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=DOWNSTREAM),
+        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
+        timeseries=lambda w: [p for d in DOWNSTREAM for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
+    output:
+        out_folds=FINETUNE_FOLDS_POOLED,
+    params:
+        step="bh_models.evaluation.evaluate:write_finetune_folds_pooled",
+        datasets=DOWNSTREAM,
+        timeseries_datasets=lambda w: [d for d in DOWNSTREAM
+                                       for _ in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        tasks={d: config["datasets"][d]["targets"] for d in DOWNSTREAM},
+        n_folds=config["evaluate"]["n_folds"],
+        n_repeats=config["evaluate"]["n_repeats"],
+        seed=SEED,
+    log:
+        log_path("finetune_folds_pooled", "all"),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        STEP
 
 
 rule evaluate_dataset:
@@ -16,8 +72,7 @@ rule evaluate_dataset:
         t1_only=rules.extract_embeddings.output.out_t1_embeddings,
         timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
         participants=lambda w: bids_file(w, "participants.tsv"),
-        **(dict(latents=rules.extract_latents.output.out_latents, harmonizer_checkpoint=HARMONIZER_CHECKPOINT)
-           if FINETUNE else {}),
+        **(dict(finetuned=rules.finetune.output.out_predictions) if FINETUNE else {}),
     output:
         out_results=report(f"{EVAL}/{{dataset}}_desc-probe_results.tsv", caption=caption("eval_results"),
                            category="Evaluation", labels={"dataset": "{dataset}", "item": "results table"}),
@@ -56,8 +111,7 @@ rule evaluate_pooled:
         t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
         timeseries=lambda w: [p for d in DOWNSTREAM for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
         participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
-        **(dict(latents=expand(rules.extract_latents.output.out_latents, dataset=DOWNSTREAM),
-                harmonizer_checkpoint=HARMONIZER_CHECKPOINT) if FINETUNE else {}),
+        **(dict(finetuned=rules.finetune_pooled.output.out_predictions) if FINETUNE else {}),
     output:
         out_results=report(f"{EVAL}/pooled_desc-probe_results.tsv", caption=caption("eval_pooled_results"),
                            category="Evaluation", labels={"dataset": "pooled", "item": "results table"}),

@@ -200,3 +200,51 @@ rule extract_latents:
         ENV
     script:
         STEP
+
+
+rule finetune:
+    input:
+        latents=rules.extract_latents.output.out_latents,
+        harmonizer_checkpoint=HARMONIZER_CHECKPOINT,
+        folds=FINETUNE_FOLDS,
+    output:
+        out_predictions=f"{FINETUNE_DIR}/{{dataset}}_desc-finetuned_predictions.tsv",
+    params:
+        step="bh_models.models.finetune:finetune_harmonizer",
+        **finetune_recipe(),
+        seed=SEED,
+    log:
+        log_path("finetune", "{dataset}"),
+    threads: 2  # fixed: CPU runs are byte-identical for a given thread count
+    resources:
+        gpu=min(gpus(), 1),
+        mem_mb=lambda w, input, threads: finetune_resources(input, [w.dataset], threads)["mem_mb"],
+        runtime=lambda w, input, threads: finetune_resources(input, [w.dataset], threads)["runtime"],
+    conda:
+        ENV
+    script:
+        STEP
+
+
+rule finetune_pooled:
+    input:
+        latents=expand(rules.extract_latents.output.out_latents, dataset=DOWNSTREAM),
+        harmonizer_checkpoint=HARMONIZER_CHECKPOINT,
+        folds=FINETUNE_FOLDS_POOLED,
+    output:
+        out_predictions=f"{FINETUNE_DIR}/pooled_desc-finetuned_predictions.tsv",
+    params:
+        step="bh_models.models.finetune:finetune_harmonizer",
+        **finetune_recipe(),
+        seed=SEED,
+    log:
+        log_path("finetune_pooled", "all"),
+    threads: 2
+    resources:
+        gpu=min(gpus(), 1),
+        mem_mb=lambda w, input, threads: finetune_resources(input, DOWNSTREAM, threads)["mem_mb"],
+        runtime=lambda w, input, threads: finetune_resources(input, DOWNSTREAM, threads)["runtime"],
+    conda:
+        ENV
+    script:
+        STEP

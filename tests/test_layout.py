@@ -19,11 +19,7 @@ PACKAGE = REPO / "bh_models"
 STAGES = ("bids", "anat", "func", "geometry", "store", "models", "evaluation", "records", "demo")
 RULE_FILES = {"bids", "anat", "func", "geometry", "store", "models", "evaluation", "records", "common"}
 #: Known sideways imports, each with its reason; the list only shrinks.
-ALLOWED_SIDEWAYS = {
-    # The optional fine-tuning evaluation builds the classifier from the pretrained Harmonizer in-process;
-    # it is to become a models-stage job that writes predictions for the evaluation to read.
-    ("evaluation/evaluate.py", "models"),
-}
+ALLOWED_SIDEWAYS: set[tuple[str, str]] = set()
 
 
 def imported_subpackages(path: Path) -> set[str]:

@@ -6,7 +6,8 @@ Holds what more than one stage needs and nothing stage-specific:
 atomic writers and defensive readers), ``hashing``, ``templates`` (MNI template
 and Schaefer atlas that ship offline), ``provenance`` and ``exclusions`` (the
 records every job leaves), ``step`` (the one runner every rule calls) and
-``cluster`` (SLURM partition/account lookup for the profile).
+``cluster`` (SLURM partition/account lookup for the profile); ``storeformat`` and
+``finetuneformat`` (the files the store, models and evaluation stages exchange).
 
 May import: nothing else of bh_models. Every other subpackage may import core.
 """

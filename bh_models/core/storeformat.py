@@ -3,7 +3,7 @@
 One place for the on-disk formats both sides agree on, so neither imports the
 other: the store's folder and file names, the samples/index tables
 (``write_samples_table``/``read_samples_table``), BIDS entities of file names,
-parcel time-series TSVs, T1 encoder tensors, and the robust-scaling statistics
+parcel time-series TSVs, T1 encoder tensors and their compact bf16 storage, and the robust-scaling statistics
 (``scaling.json``) with their application.
 """
 
@@ -24,7 +24,11 @@ FMRI_DIR, T1_DIR = "fmri", "t1"
 INDEX_FILE = "index.tsv"
 SCALING_FILE = "scaling.json"
 STORE_FORMAT = "bh-store-1"
-DTYPE = np.dtype("<f4")  # shards, little-endian float32
+DTYPE = np.dtype("<f4")  # fMRI shards, little-endian float32
+#: T1 shards: bf16 stored as its 16 bits (numpy has no bfloat16): half the bytes of float32, and
+#: exactly what bf16 autocast feeds the encoder (benchmarks/bench_t1_format.py measures the choice).
+T1_DTYPE = np.dtype("<u2")
+T1_ENCODING = "bfloat16-bits"
 #: File names inside a dataset's fMRI store folder that scaling reads.
 TEMPORAL_MEANS_FILE = "temporal_means.npy"
 TEMPORAL_SDS_FILE = "temporal_sds.npy"
@@ -136,6 +140,29 @@ def t1_shape(path: Path) -> tuple[int, ...]:
         raise BHInputError(path, f"is {header.dtype} {header.shape}, not a float32 C-order 3D tensor",
                            "rerun the anatomical stage (it writes float32 C-order tensors)")
     return tuple(int(s) for s in header.shape)
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 as uint16 bits, rounded to nearest even (as ``torch.Tensor.to(torch.bfloat16)``).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Finite values (converted to float32 first).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint16, same shape.
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)  # ties to even
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bits -> float32 (exact: bf16 is float32 with the low 16 mantissa bits zero)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def read_index(*, folders: Sequence[Path], split: str | None = None) -> pd.DataFrame:

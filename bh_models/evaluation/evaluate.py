@@ -26,14 +26,12 @@ import dataclasses
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
@@ -41,12 +39,12 @@ from bh_models.evaluation.baselines import (
     FeatureTable,
     chance_cross_validated_scores,
     fc_feature_table,
-    match_rows,
     read_embedding_table,
 )
 from bh_models.core.errors import BHConfigError, BHInputError
-from bh_models.evaluation.finetune import FinetuneSettings, finetune_cross_validated
-from bh_models.core.jsonio import atomic_write_text, sidecar_path, write_json
+from bh_models.core.finetuneformat import read_predictions, write_folds
+from bh_models.core.jsonio import atomic_write_text, read_json, sidecar_path, write_json
+from bh_models.evaluation.finetune import finetuned_scores, folds_table
 from bh_models.evaluation.permutation import PermutationResult, permutation_test
 from bh_models.evaluation.probe import (
     CLASSIFICATION_METRICS,
@@ -63,7 +61,7 @@ from bh_models.evaluation.probe import (
     metrics_by_repeat,
     probe_parameter_count,
 )
-from bh_models.evaluation.targets import TaskSpec, build_task_target, parse_tasks, read_participants, subject_label
+from bh_models.evaluation.targets import TaskSpec, build_task_target, parse_tasks, read_participants
 
 __desc__ = (
     "Each downstream task was evaluated on the same folds for the fused hub-token embeddings, "
@@ -87,7 +85,6 @@ EXCLUSION_REASONS = ("missing_target", "invalid_target", "missing_covariate", "m
 POOLED = "pooled"  # the "dataset" name of the all-datasets evaluation
 POOLED_COVARIATE = "dataset"  # participants column the pooled evaluation adds and regresses out
 _PERMUTATION_STREAM = 1  # seed sub-stream of the label permutations (folds use others)
-_FINETUNE_STREAM = 2  # seed sub-stream of fine-tuning (initialisation, batch order)
 _COLORS = {"fused": "#1b9e77", "fused_finetuned": "#66a61e", "fmri_only": "#d95f02", "t1_only": "#7570b3", "fc": "#e7298a",
            "chance": "#999999"}
 
@@ -130,76 +127,114 @@ class TaskOutcome:
 
 
 @dataclass(frozen=True)
-class FinetuneJob:
-    """What fine-tuning needs for one evaluation (the ``evaluate.finetune`` option).
+class Finetuned:
+    """The fine-tuning job's out-of-fold scores (the ``evaluate.finetune`` option).
 
     Attributes
     ----------
-    subjects : numpy.ndarray of str, shape (n_rows,)
-        Subject label of every packed row (several rows per subject are kept together).
-    x : torch.Tensor, shape (n_rows, ...)
-        Packed frozen-encoder tokens (:mod:`bh_models.models.latents`).
-    factory : callable
-        ``factory(n_outputs)``: a fresh model with the pretrained weights.
-    settings : FinetuneSettings
+    predictions : pandas.DataFrame
+        :func:`bh_models.core.finetuneformat.read_predictions`.
+    sidecar : dict
+        Its JSON sidecar (recipe, trainable parameters).
+    source : Path
+        The predictions file, for messages.
+    dataset : str or None
+        The evaluated dataset (None: pooled labels ``<dataset>/<subject>``).
     """
 
-    subjects: np.ndarray
-    x: Any
-    factory: Callable[[int], Any]
-    settings: FinetuneSettings
+    predictions: pd.DataFrame
+    sidecar: dict
+    source: Path
+    dataset: str | None
 
 
-def finetune_job(*, latents: Path | Sequence[Path] | None, harmonizer_checkpoint: Path | Sequence[Path] | None,
-                 settings: Mapping | None, dataset: str | None) -> FinetuneJob | None:
-    """The fine-tuning job of an evaluation step, or None when the option is off.
-
-    ``latents``/``harmonizer_checkpoint`` come from the rule's inputs (empty lists
-    when ``evaluate.finetune.enabled`` is false); ``dataset`` None keeps every
-    dataset's rows, labelled ``<dataset>/<subject>`` as in the pooled evaluation.
-    """
-    def as_list(value):
-        return [value] if isinstance(value, (str, Path)) else list(value or [])
-
-    latents, checkpoints = as_list(latents), as_list(harmonizer_checkpoint)
-    if not settings or not settings.get("enabled") or not latents:
+def read_finetuned(*, path: Path | Sequence[Path] | None, dataset: str | None) -> Finetuned | None:
+    """The fine-tuned scores of a step's ``finetuned`` input, or None when the option is off."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path or [])
+    if not paths:
         return None
-    from bh_models.models.latents import read_latents_files
-    from bh_models.models.nn.hub_classifier import HubClassifier
-    from bh_models.models.pretrain import load_pretrained
-
-    harmonizer_checkpoint = checkpoints[0]
-    datasets, subjects, x = read_latents_files(paths=[Path(p) for p in latents], dataset=dataset)
-    labels = np.array([subject_label(s) for s in subjects])
-    if dataset is None:
-        labels = np.array([_pooled_label(d, s) for d, s in zip(datasets, labels)])
-    harmonizer = load_pretrained(checkpoint=Path(harmonizer_checkpoint), kind="harmonizer")
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k != "enabled"}
-    return FinetuneJob(subjects=labels, x=x, factory=lambda n_outputs: HubClassifier(harmonizer, n_outputs),
-                       settings=FinetuneSettings(**options))
+    source = Path(paths[0])
+    sidecar = sidecar_path(source)
+    return Finetuned(predictions=read_predictions(source), sidecar=read_json(sidecar) if sidecar.is_file() else {},
+                     source=source, dataset=dataset)
 
 
-def _finetuned_outcome(*, job: FinetuneJob, spec: TaskSpec, subjects: np.ndarray, y: np.ndarray,
-                       splits: Sequence[Split], seed: int) -> ModelOutcome:
+def _finetuned_outcome(*, finetuned: Finetuned, spec: TaskSpec, subjects: np.ndarray, y: np.ndarray,
+                       splits: Sequence[Split]) -> ModelOutcome:
     """Fine-tuned Harmonizer on the probe's folds; no permutation test (each would refit everything)."""
-    try:
-        keep, row_subject = match_rows(row_labels=job.subjects, subjects=subjects, name="latents")
-    except ValueError as err:
-        raise BHInputError("latents", f"no packed tokens ({err})", "rerun extract_latents on the current store")
-    result = finetune_cross_validated(
-        model_factory=job.factory, inputs=job.x[torch.from_numpy(keep)], row_subject=row_subject, labels=y,
-        splits=splits, task_type=spec.type, settings=job.settings,
-        seed=derived_seed(seed=seed, keys=(_FINETUNE_STREAM,)), progress=f"{spec.name}/fused_finetuned")
-    metrics = metrics_by_repeat(labels=y, scores=result.scores[:, :, None], task_type=spec.type)
+    scores = finetuned_scores(predictions=finetuned.predictions, task=spec.name, subjects=subjects, splits=splits,
+                              dataset=finetuned.dataset, source=finetuned.source)
+    metrics = metrics_by_repeat(labels=y, scores=scores[:, :, None], task_type=spec.type)
     metric = PRIMARY_METRIC[spec.type]
-    choices = Counter((c["learning_rate"], c["layer_decay"], c["epochs"]) for c in result.selected)
-    (lr, decay, epochs), count = max(choices.items(), key=lambda item: (item[1], item[0]))
+    recipe = finetuned.sidecar.get("Recipe", {})
+    described = (f"recipe: lr={recipe['lr']:g} layer decay={recipe['layer_decay']:g} epochs={recipe['epochs']}"
+                 if recipe else "")
     return ModelOutcome(
-        model="fused_finetuned", n_features=0, n_parameters=result.n_trainable_parameters,
+        model="fused_finetuned", n_features=0, n_parameters=int(finetuned.sidecar.get("TrainableParameters", 0)),
         metrics={k: v[:, 0] for k, v in metrics.items()},
         permutation=PermutationResult(metric=metric, observed=float(metrics[metric][0, 0]), p_value=float("nan"),
                                       null_mean=float("nan"), null_sd=float("nan"), n_permutations=0),
-        scores=result.scores, penalty=f"lr={lr:g} decay={decay:g} epochs={epochs} ({count}/{len(result.selected)} splits)")
+        scores=scores, penalty=described)
+
+
+def _dataset_inputs(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: Sequence[Path], participants: Path,
+                    dataset: str, tasks: Mapping[str, Mapping]) -> tuple[list[TaskSpec], pd.DataFrame,
+                                                                          list[FeatureTable]]:
+    """Tasks, participants table and feature tables of one dataset's evaluation."""
+    specs = parse_tasks(tasks=tasks, config_key=f"datasets.{dataset}.targets")
+    table = read_participants(path=Path(participants))
+    feature_tables = [read_embedding_table(path=Path(fused), name="fused", dataset=dataset),
+                      read_embedding_table(path=Path(fmri_only), name="fmri_only", dataset=dataset),
+                      read_embedding_table(path=Path(t1_only), name="t1_only", dataset=dataset)]
+    if timeseries:
+        feature_tables.append(fc_feature_table(timeseries=[Path(p) for p in timeseries],
+                                               subjects=table.index))
+    return specs, table, feature_tables
+
+
+def write_finetune_folds(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: Sequence[Path],
+                         participants: Path, out_folds: Path, dataset: str, tasks: Mapping[str, Mapping],
+                         n_folds: int = 5, n_repeats: int = 10, seed: int = 0, threads: int = 1) -> dict:
+    """Step function: the folds the fine-tuning job trains on, the probes' own, for one dataset.
+
+    The inputs are :func:`evaluate_dataset`'s, so every task has the same subjects
+    (exclusions included) and the same folds as the probes.
+
+    Parameters
+    ----------
+    fused, fmri_only, t1_only, timeseries, participants, dataset, tasks, n_folds, n_repeats, seed
+        As for :func:`evaluate_dataset`.
+    out_folds : Path
+        Folds table (:func:`bh_models.core.finetuneformat.write_folds`).
+    threads : int
+        Unused (the rule's contract); the folds cost nothing.
+
+    Returns
+    -------
+    dict
+        Subjects per task.
+    """
+    specs, table, feature_tables = _dataset_inputs(fused=fused, fmri_only=fmri_only, t1_only=t1_only,
+                                                   timeseries=timeseries, participants=participants,
+                                                   dataset=dataset, tasks=tasks)
+    return _write_folds(specs=specs, participants=table, participants_path=Path(participants),
+                        feature_tables=feature_tables, n_folds=n_folds, n_repeats=n_repeats, seed=seed,
+                        dataset=dataset, out_folds=Path(out_folds))
+
+
+def _write_folds(*, specs: Sequence[TaskSpec], participants: pd.DataFrame, participants_path: Path | str,
+                 feature_tables: Sequence[FeatureTable], n_folds: int, n_repeats: int, seed: int,
+                 dataset: str | None, out_folds: Path) -> dict:
+    frames, counts = [], {}
+    for spec in specs:
+        target, _ = _task_target(spec=spec, participants=participants, participants_path=participants_path,
+                                 feature_tables=feature_tables)
+        splits = make_splits(y=target.y, task_type=spec.type, n_folds=n_folds, n_repeats=n_repeats, seed=seed)
+        frames.append(folds_table(task=spec.name, task_type=spec.type, subjects=target.subjects, y=target.y,
+                                  splits=splits, dataset=dataset))
+        counts[spec.name] = int(len(target.subjects))
+    write_folds(pd.concat(frames, ignore_index=True), out_folds)
+    return {"subjects": counts}
 
 
 def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries: Sequence[Path],
@@ -210,8 +245,7 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
                      logistic_c_grid: Sequence[float] = DEFAULT_C_GRID,
                      ridge_alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
                      class_weight: str | None = "balanced", seed: int = 0,
-                     latents: Path | Sequence[Path] | None = None,
-                     harmonizer_checkpoint: Path | Sequence[Path] | None = None,
+                     finetuned: Path | Sequence[Path] | None = None,
                      finetune: Mapping | None = None, threads: int = 1) -> dict:
     """Linear probes, baselines and permutation tests for every task of one dataset.
 
@@ -245,12 +279,12 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
         Class weighting of the logistic probe.
     seed : int
         Seed of the folds and permutations.
-    latents, harmonizer_checkpoint : Path, optional
-        Packed frozen-encoder tokens and the Harmonizer, for fine-tuning.
+    finetuned : Path, optional
+        Out-of-fold scores of the fine-tuning job (rule ``finetune``,
+        :mod:`bh_models.models.finetune`) on this step's folds (rule ``finetune_folds``):
+        a ``fused_finetuned`` row is added (no covariates, no permutation test).
     finetune : mapping, optional
-        ``evaluate.finetune`` config; when ``enabled``, a ``fused_finetuned`` row
-        is added (:func:`bh_models.evaluation.finetune.finetune_cross_validated`, same folds,
-        no covariates, no permutation test).
+        ``evaluate.finetune`` config, recorded in the sidecar.
     threads : int
         BLAS threads.
 
@@ -266,65 +300,26 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
     if class_weight not in ("balanced", None):
         raise BHConfigError("evaluate.class_weight", f"{class_weight!r} is not supported",
                             "use 'balanced' or null")
-    specs = parse_tasks(tasks=tasks, config_key=f"datasets.{dataset}.targets")
-    table = read_participants(path=Path(participants))
-    feature_tables = [read_embedding_table(path=Path(fused), name="fused", dataset=dataset),
-                      read_embedding_table(path=Path(fmri_only), name="fmri_only", dataset=dataset),
-                      read_embedding_table(path=Path(t1_only), name="t1_only", dataset=dataset)]
-    if timeseries:
-        feature_tables.append(fc_feature_table(timeseries=[Path(p) for p in timeseries],
-                                               subjects=table.index))
+    specs, table, feature_tables = _dataset_inputs(fused=fused, fmri_only=fmri_only, t1_only=t1_only,
+                                                   timeseries=timeseries, participants=participants,
+                                                   dataset=dataset, tasks=tasks)
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid),
                 "ridge_alpha_grid": list(ridge_alpha_grid), "class_weight": class_weight,
                 "seed": seed, "finetune": dict(finetune or {})}
-    job = finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint, settings=finetune,
-                       dataset=dataset)
     outcomes = _evaluate_tasks(specs=specs, participants=table, participants_path=Path(participants),
-                               feature_tables=feature_tables, settings=settings, finetune=job, threads=threads)
+                               feature_tables=feature_tables, settings=settings,
+                               finetuned=read_finetuned(path=finetuned, dataset=dataset), threads=threads)
     return _write_outputs(dataset=dataset, outcomes=outcomes, settings=settings, out_results=Path(out_results),
                           out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
                           out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
 
 
-def evaluate_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only: Sequence[Path],
-                    timeseries: Sequence[Path],
-                    timeseries_datasets: Sequence[str], participants: Sequence[Path],
-                    datasets: Sequence[str], tasks: Mapping[str, Mapping[str, Mapping]],
-                    out_results: Path, out_predictions: Path, out_figure_metrics: Path,
-                    out_figure_roc: Path, out_figure_scatter: Path, n_folds: int = 5,
-                    n_repeats: int = 10, n_permutations: int = 200,
-                    logistic_c_grid: Sequence[float] = DEFAULT_C_GRID,
-                    ridge_alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
-                    class_weight: str | None = "balanced", seed: int = 0,
-                    latents: Path | Sequence[Path] | None = None,
-                    harmonizer_checkpoint: Path | Sequence[Path] | None = None,
-                    finetune: Mapping | None = None, threads: int = 1) -> dict:
-    """Step function: the same evaluation on every dataset's subjects together.
-
-    Small sites cannot support cross-validated inference alone (8 subjects leave
-    5 to train on), so the subjects of all datasets are also evaluated together.
-    A task is pooled when every dataset configures it identically (column, type,
-    classes, covariates); ``dataset`` is added to its covariates, so site offsets
-    are regressed out of the features inside each training fold. Subjects are
-    labelled ``<dataset>/sub-<label>`` in the outputs.
-
-    Parameters
-    ----------
-    fused, fmri_only, t1_only : sequence of Path
-        Embedding TSVs of each dataset, in the order of ``datasets``.
-    timeseries : sequence of Path
-        Cleaned parcel time series of all datasets (FC baseline) ...
-    timeseries_datasets : sequence of str
-        ... and the dataset of each.
-    participants : sequence of Path
-        participants.tsv of each dataset, in the order of ``datasets``.
-    datasets : sequence of str
-        Dataset names (config keys).
-    tasks : mapping
-        Dataset name -> its ``targets`` config.
-    Other parameters and outputs as in :func:`evaluate_dataset` (``dataset`` = ``pooled``).
-    """
+def _pooled_inputs(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only: Sequence[Path],
+                   timeseries: Sequence[Path], timeseries_datasets: Sequence[str], participants: Sequence[Path],
+                   datasets: Sequence[str], tasks: Mapping[str, Mapping[str, Mapping]]
+                   ) -> tuple[list[TaskSpec], pd.DataFrame, list[FeatureTable]]:
+    """Pooled tasks, the combined participants table and the concatenated feature tables."""
     if len(participants) != len(datasets) or len(timeseries) != len(timeseries_datasets) \
             or not len(fused) == len(fmri_only) == len(t1_only) == len(datasets):
         raise ValueError("participants, embeddings and datasets, and timeseries/timeseries_datasets must align")
@@ -352,22 +347,80 @@ def evaluate_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only
     combined = pd.concat(tables)
     # FC only when every dataset has time series: a model must cover the same subjects.
     feature_tables = [_concatenated(parts[m]) for m in parts if len(parts[m]) == len(datasets)]
+    return specs, combined, feature_tables
+
+
+def evaluate_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only: Sequence[Path],
+                    timeseries: Sequence[Path],
+                    timeseries_datasets: Sequence[str], participants: Sequence[Path],
+                    datasets: Sequence[str], tasks: Mapping[str, Mapping[str, Mapping]],
+                    out_results: Path, out_predictions: Path, out_figure_metrics: Path,
+                    out_figure_roc: Path, out_figure_scatter: Path, n_folds: int = 5,
+                    n_repeats: int = 10, n_permutations: int = 200,
+                    logistic_c_grid: Sequence[float] = DEFAULT_C_GRID,
+                    ridge_alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+                    class_weight: str | None = "balanced", seed: int = 0,
+                    finetuned: Path | Sequence[Path] | None = None,
+                    finetune: Mapping | None = None, threads: int = 1) -> dict:
+    """Step function: the same evaluation on every dataset's subjects together.
+
+    Small sites cannot support cross-validated inference alone (8 subjects leave
+    5 to train on), so the subjects of all datasets are also evaluated together.
+    A task is pooled when every dataset configures it identically (column, type,
+    classes, covariates); ``dataset`` is added to its covariates, so site offsets
+    are regressed out of the features inside each training fold. Subjects are
+    labelled ``<dataset>/sub-<label>`` in the outputs.
+
+    Parameters
+    ----------
+    fused, fmri_only, t1_only : sequence of Path
+        Embedding TSVs of each dataset, in the order of ``datasets``.
+    timeseries : sequence of Path
+        Cleaned parcel time series of all datasets (FC baseline) ...
+    timeseries_datasets : sequence of str
+        ... and the dataset of each.
+    participants : sequence of Path
+        participants.tsv of each dataset, in the order of ``datasets``.
+    datasets : sequence of str
+        Dataset names (config keys).
+    tasks : mapping
+        Dataset name -> its ``targets`` config.
+    finetuned : Path, optional
+        Out-of-fold scores of the pooled fine-tuning job (rule ``finetune_pooled``).
+    Other parameters and outputs as in :func:`evaluate_dataset` (``dataset`` = ``pooled``).
+    """
+    specs, combined, feature_tables = _pooled_inputs(
+        fused=fused, fmri_only=fmri_only, t1_only=t1_only, timeseries=timeseries,
+        timeseries_datasets=timeseries_datasets, participants=participants, datasets=datasets, tasks=tasks)
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid), "ridge_alpha_grid": list(ridge_alpha_grid),
                 "class_weight": class_weight, "seed": seed, "datasets": list(datasets),
                 "finetune": dict(finetune or {})}
-    job = finetune_job(latents=latents, harmonizer_checkpoint=harmonizer_checkpoint, settings=finetune,
-                       dataset=None)
     outcomes = _evaluate_tasks(specs=specs, participants=combined,
                                participants_path=" + ".join(map(str, participants)),
-                               feature_tables=feature_tables, settings=settings, finetune=job, threads=threads)
+                               feature_tables=feature_tables, settings=settings,
+                               finetuned=read_finetuned(path=finetuned, dataset=None), threads=threads)
     return _write_outputs(dataset=POOLED, outcomes=outcomes, settings=settings, out_results=Path(out_results),
                           out_predictions=Path(out_predictions), out_figure_metrics=Path(out_figure_metrics),
                           out_figure_roc=Path(out_figure_roc), out_figure_scatter=Path(out_figure_scatter))
 
 
+def write_finetune_folds_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only: Sequence[Path],
+                                timeseries: Sequence[Path], timeseries_datasets: Sequence[str],
+                                participants: Sequence[Path], datasets: Sequence[str],
+                                tasks: Mapping[str, Mapping[str, Mapping]], out_folds: Path, n_folds: int = 5,
+                                n_repeats: int = 10, seed: int = 0, threads: int = 1) -> dict:
+    """Step function: :func:`write_finetune_folds` of the pooled evaluation (inputs of :func:`evaluate_pooled`)."""
+    specs, combined, feature_tables = _pooled_inputs(
+        fused=fused, fmri_only=fmri_only, t1_only=t1_only, timeseries=timeseries,
+        timeseries_datasets=timeseries_datasets, participants=participants, datasets=datasets, tasks=tasks)
+    return _write_folds(specs=specs, participants=combined, participants_path=" + ".join(map(str, participants)),
+                        feature_tables=feature_tables, n_folds=n_folds, n_repeats=n_repeats, seed=seed,
+                        dataset=None, out_folds=Path(out_folds))
+
+
 def _evaluate_tasks(*, specs: Sequence[TaskSpec], participants: pd.DataFrame, participants_path: Path | str,
-                    feature_tables: Sequence[FeatureTable], settings: Mapping, finetune: FinetuneJob | None,
+                    feature_tables: Sequence[FeatureTable], settings: Mapping, finetuned: Finetuned | None,
                     threads: int) -> list[TaskOutcome]:
     """:func:`evaluate_task` for every task, with the step's settings (folds, grids, seed)."""
     return [
@@ -376,7 +429,7 @@ def _evaluate_tasks(*, specs: Sequence[TaskSpec], participants: pd.DataFrame, pa
                       n_permutations=settings["n_permutations"],
                       penalty_grid=settings["logistic_c_grid" if spec.type == "classification" else "ridge_alpha_grid"],
                       class_weight=settings["class_weight"], seed=settings["seed"], threads=threads,
-                      finetune=finetune)
+                      finetuned=finetuned)
         for spec in specs
     ]
 
@@ -449,11 +502,23 @@ def _write_outputs(*, dataset: str, outcomes: Sequence[TaskOutcome], settings: M
     }
 
 
+def _task_target(*, spec: TaskSpec, participants: pd.DataFrame, participants_path: Path | str,
+                 feature_tables: Sequence[FeatureTable]):
+    """The task's coded target over the subjects every feature table covers, and the exclusions."""
+    target = build_task_target(participants=participants, task=spec, source=participants_path)
+    has_features = np.ones(len(target.subjects), dtype=bool)
+    for features in feature_tables:
+        has_features &= np.isin(target.subjects, features.subjects)
+    excluded = dict(target.excluded)
+    excluded["missing_features"] = target.subjects[~has_features].tolist()
+    return target.subset(keep=has_features), excluded
+
+
 def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_path: Path | str,
                   feature_tables: Sequence[FeatureTable], n_folds: int, n_repeats: int,
                   n_permutations: int, penalty_grid: Sequence[float],
                   class_weight: str | None, seed: int, threads: int = 1,
-                  finetune: FinetuneJob | None = None) -> TaskOutcome:
+                  finetuned: Finetuned | None = None) -> TaskOutcome:
     """Every model plus chance on one task, on shared folds and permutations.
 
     Parameters
@@ -470,20 +535,15 @@ def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_pa
     class_weight : {"balanced", None}
     seed : int
     threads : int
-    finetune : FinetuneJob, optional
-        Adds the fine-tuned model on the same folds.
+    finetuned : Finetuned, optional
+        Adds the fine-tuned model, scored by the fine-tuning job on these folds.
 
     Returns
     -------
     TaskOutcome
     """
-    target = build_task_target(participants=participants, task=spec, source=participants_path)
-    has_features = np.ones(len(target.subjects), dtype=bool)
-    for features in feature_tables:
-        has_features &= np.isin(target.subjects, features.subjects)
-    excluded = dict(target.excluded)
-    excluded["missing_features"] = target.subjects[~has_features].tolist()
-    target = target.subset(keep=has_features)
+    target, excluded = _task_target(spec=spec, participants=participants, participants_path=participants_path,
+                                    feature_tables=feature_tables)
     splits = make_splits(y=target.y, task_type=spec.type, n_folds=n_folds, n_repeats=n_repeats,
                          seed=seed)
     scorers = {}
@@ -509,9 +569,9 @@ def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_pa
             scores=observed.scores[:, :, 0],
             penalty=_most_selected(values=observed.selected[:, 0],
                                    name="C" if spec.type == "classification" else "alpha")))
-    if finetune is not None:
-        models.insert(1, _finetuned_outcome(job=finetune, spec=spec, subjects=target.subjects, y=target.y,
-                                            splits=splits, seed=seed))
+    if finetuned is not None:
+        models.insert(1, _finetuned_outcome(finetuned=finetuned, spec=spec, subjects=target.subjects, y=target.y,
+                                            splits=splits))
     return TaskOutcome(spec=spec, subjects=target.subjects, y=target.y, excluded=excluded,
                        models=models)
 

@@ -50,6 +50,7 @@ from torch.utils.data import Dataset
 
 from bh_models.core.errors import BHInputError
 from bh_models.core.jsonio import read_json, write_json
+from bh_models.models.data import NpyRows, stack_batch
 
 __desc__ = (
     "The frozen harmonix-F and harmonix-S tokens of every sample were computed once and stored in "
@@ -175,7 +176,7 @@ class LatentStore(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers re-open the memory maps instead of receiving copies of the arrays.
-        return {key: value for key, value in self.__dict__.items() if key not in ("_tokens", "_mask")}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_tokens", "_mask", "_npy_rows")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -202,6 +203,20 @@ class LatentStore(Dataset):
         mask = np.asarray(self._mask[rows])
         return torch.from_numpy(tokens), torch.from_numpy(mask.copy())
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Items of a batch, read together (the DataLoader calls this with a batch's indices):
+        one ``preadv`` per row into one bf16 buffer (:class:`bh_models.models.data.NpyRows`),
+        ``tokens`` are bf16 views of it, which :func:`collate_latents` returns without a copy
+        (the training loop widens them to float32 on its device)."""
+        if not hasattr(self, "_npy_rows"):
+            self._npy_rows = NpyRows()
+        rows = [int(self._rows[i]) for i in indices]
+        tokens = self._npy_rows.read([(self.folder / TOKENS_FILE, row) for row in rows], dtype=torch.bfloat16)
+        entries = self.index.iloc[list(indices)]
+        return [{"tokens": tokens[b], "mask": torch.from_numpy(np.array(self._mask[row])),
+                 "subject": subject, "dataset": dataset, "row": row}
+                for b, (row, subject, dataset) in enumerate(zip(rows, entries["subject"], entries["dataset"]))]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self._rows[i])
         tokens = torch.from_numpy(from_bf16_bits(self._tokens[row]))  # (N, D) float32
@@ -212,8 +227,9 @@ class LatentStore(Dataset):
 
 
 def collate_latents(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``tokens (B, N, D)``, ``mask (B, N)``, and ``subject``, ``dataset`` lists."""
-    return {"tokens": torch.stack([item["tokens"] for item in items]),
+    """``tokens (B, N, D)``, ``mask (B, N)``, and ``subject``, ``dataset`` lists (tokens read together by
+    :meth:`LatentStore.__getitems__` are their batch buffer already: no copy)."""
+    return {"tokens": stack_batch([item["tokens"] for item in items]),
             "mask": torch.stack([item["mask"] for item in items]),
             "subject": [item["subject"] for item in items], "dataset": [item["dataset"] for item in items]}
 

@@ -7,7 +7,7 @@ resumes from ``<checkpoint stem>.resume.pt`` when the configuration matches.
 
 Training data come from the packed store of the pretraining datasets only,
 through :mod:`bh_models.models.data`: ``FmriShardDataset``, ``T1ShardDataset``,
-``collate_fmri`` and ``paired_samples``. The Harmonizer trains from latent stores
+``collate_fmri``, ``collate_t1`` and ``paired_samples``. The Harmonizer trains from latent stores
 (:mod:`bh_models.models.latents`): the frozen encoders' tokens of every training
 sample, computed once by :func:`bh_models.models.embeddings.cache_latents`, as the
 release's stage 0. Embeddings of a (downstream) dataset are computed from its
@@ -185,7 +185,12 @@ def pretrain_fmri(
     min_lr: float = 1e-5,
     weight_decay: float = 0.05,
     grad_clip: float = 1.0,
+    lr_scaling: str = "none",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int = 2,
     model_overrides: dict[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
@@ -210,8 +215,15 @@ def pretrain_fmri(
         Loss-curve PNG.
     model_size : str
         ``tiny`` (CPU demo) or ``base`` (paper, ViT-B).
-    steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers
+    steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip
         Optimisation (see :class:`bh_models.models.train.TrainConfig`); ``batch_size`` is per process.
+    lr_scaling : str
+        ``linear``: the peak learning rate is ``lr x batch_size x grad_accum x processes / 256``;
+        ``none``: ``lr`` is the peak.
+    activation_checkpointing, compile : bool
+        Recompute block activations in the backward pass; ``torch.compile`` the model.
+    num_workers, pin_memory, prefetch_factor
+        Data loading: worker processes, page-locked batches (CUDA), batches loaded ahead per worker.
     model_overrides : dict, optional
         Fields of :class:`~bh_models.models.nn.configs.HarmonixFConfig` to override.
     threads : int
@@ -238,7 +250,8 @@ def pretrain_fmri(
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
         grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr=min_lr, weight_decay=weight_decay,
-        grad_clip=grad_clip, num_workers=num_workers,
+        grad_clip=grad_clip, lr_scaling=lr_scaling, activation_checkpointing=activation_checkpointing,
+        compile=compile, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )
     seed_everything(seed)
     model = HarmonixF(config, geometry_table, gradient_table)
@@ -274,7 +287,12 @@ def pretrain_t1(
     min_lr: float = 1e-5,
     weight_decay: float = 0.05,
     grad_clip: float = 1.0,
+    lr_scaling: str = "none",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int = 2,
     model_overrides: dict[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
@@ -287,7 +305,9 @@ def pretrain_t1(
         :class:`bh_models.models.data.T1ShardDataset` (split ``train``).
     out_checkpoint, out_metrics, out_curve : Path
         As for :func:`pretrain_fmri`.
-    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers, threads
+    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip
+        As for :func:`pretrain_fmri`.
+    lr_scaling, activation_checkpointing, compile, num_workers, pin_memory, prefetch_factor, threads
         As for :func:`pretrain_fmri`.
     model_overrides : dict, optional
         Fields of :class:`~bh_models.models.nn.configs.HarmonixSConfig`; ``img_size`` defaults to
@@ -300,7 +320,8 @@ def pretrain_t1(
     """
     torch.set_num_threads(max(1, threads))
     context = distributed_context()
-    dataset = _data().T1ShardDataset(t1, "train")
+    store_module = _data()
+    dataset = store_module.T1ShardDataset(t1, "train")
     if len(dataset) == 0:
         raise BHInputError(t1[0], "no training T1 volumes in the store", "check the splits and the packed store")
     overrides = dict(model_overrides or {})
@@ -311,12 +332,13 @@ def pretrain_t1(
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
         grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr=min_lr, weight_decay=weight_decay,
-        grad_clip=grad_clip, num_workers=num_workers,
+        grad_clip=grad_clip, lr_scaling=lr_scaling, activation_checkpointing=activation_checkpointing,
+        compile=compile, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )
     seed_everything(seed)
     model = HarmonixS(config)
     result = train(
-        model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=default_collate,
+        model=model, loss_fn=_model_forward, dataset=dataset, collate_fn=store_module.collate_t1,
         config=train_config, model_config=config_to_dict(config), out_checkpoint=Path(out_checkpoint),
         out_metrics=Path(out_metrics), out_curve=Path(out_curve), title="harmonix-S (3-D MAE)", context=context,
         data_id=data_identity(folders=t1),
@@ -537,7 +559,12 @@ def pretrain_harmonizer(
     min_lr: float = 1e-5,
     weight_decay: float = 0.05,
     grad_clip: float = 1.0,
+    lr_scaling: str = "none",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int = 2,
     include_unpaired: bool = False,
     loss_on_padded: bool = True,
     model_overrides: dict[str, Any] | None = None,
@@ -560,7 +587,9 @@ def pretrain_harmonizer(
     loss_on_padded : bool
         True (the release): the loss averages over every token of the present
         modalities, padded fMRI patches included; False: over real tokens only.
-    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip, num_workers, threads
+    model_size, steps, batch_size, lr, seed, checkpoint_every, grad_accum, warmup_steps, min_lr, weight_decay, grad_clip
+        As for :func:`pretrain_fmri`.
+    lr_scaling, activation_checkpointing, compile, num_workers, pin_memory, prefetch_factor, threads
         As for :func:`pretrain_fmri`.
     model_overrides : dict, optional
         Fields of :class:`~bh_models.models.nn.configs.HarmonizerConfig`.
@@ -586,7 +615,8 @@ def pretrain_harmonizer(
     train_config = _train_config(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
         grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr=min_lr, weight_decay=weight_decay,
-        grad_clip=grad_clip, num_workers=num_workers,
+        grad_clip=grad_clip, lr_scaling=lr_scaling, activation_checkpointing=activation_checkpointing,
+        compile=compile, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )
 
     def loss_fn(model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:

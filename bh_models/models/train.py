@@ -1,8 +1,11 @@
 """The training loop shared by harmonix-F, harmonix-S and the Harmonizer.
 
 One process or ``torchrun`` (DDP, read from ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``);
-bf16 autocast on CUDA, fp32 on CPU; AdamW with warm-up + cosine; gradient
-clipping and accumulation; checkpoints every N steps with exact resume.
+bf16 autocast on CUDA, fp32 on CPU; AdamW with warm-up + cosine (peak rate
+scaled with the global batch on request); gradient clipping and accumulation;
+optional activation checkpointing and ``torch.compile``; a data loader with
+worker processes, pinned memory and prefetching; checkpoints every N steps
+with exact resume.
 
 Exact resume
     Everything a step depends on is either saved or a pure function of the step
@@ -24,6 +27,7 @@ checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -50,20 +54,54 @@ from bh_models.core.jsonio import dumps
 from bh_models.models.lr_schedule import warmup_cosine_lr
 
 __desc__ = (
-    "Models were trained with AdamW (betas {betas}, weight decay {weight_decay}), batch size {batch_size} "
-    "per process x {grad_accum} accumulation steps, a linear warm-up of {warmup_steps} steps to a "
-    "learning rate of {lr} followed by cosine decay over {steps} steps, gradient clipping at norm "
-    "{grad_clip}, bf16 mixed precision on GPU, and a fixed seed ({seed})."
+    "Models were trained with AdamW, a linear warm-up then cosine decay of the learning rate, bf16 "
+    "mixed precision on GPU and a fixed seed."
 )
+
+
+def describe_methods(*, config: Any) -> str:
+    """The optimisation sentence with each model's effective settings under ``config`` (schema defaults filled)."""
+    from bh_models.core.config import apply_defaults, load_schema
+
+    config = apply_defaults(copy.deepcopy(dict(config)), load_schema())
+    pretrain = config["pretrain"]
+    world = max(1, pretrain["gpus"])
+    parts = []
+    for section, name in (("fmri", "harmonix-F"), ("t1", "harmonix-S"), ("harmonizer", "the Harmonizer")):
+        settings = pretrain[section]
+        train = TrainConfig(seed=config["seed"], **settings)
+        scaled = (f" ({settings['lr']:g} x global batch / {LR_REFERENCE_BATCH})"
+                  if settings["lr_scaling"] == "linear" else "")
+        clip = f"gradient norm clipped at {settings['grad_clip']:g}" if settings["grad_clip"] > 0 else "no clipping"
+        parts.append(
+            f"{name} for {settings['steps']} steps of {train.global_batch(world)} samples ({settings['batch_size']} "
+            f"per process x {settings['grad_accum']} accumulation x {world} process(es)), peak learning rate "
+            f"{train.peak_lr(world):.3g}{scaled} after {train.warmup} warm-up steps, decaying to {settings['min_lr']:g}, "
+            f"weight decay {settings['weight_decay']:g} (not on biases and norms), {clip}")
+    return (f"Models were trained with AdamW (betas 0.9, 0.95), a linear warm-up then cosine decay of the learning "
+            f"rate, bf16 mixed precision on GPU and a fixed seed ({config['seed']}): " + "; ".join(parts) + ".")
+
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 LossFn = Callable[[nn.Module, dict, torch.Generator], tuple[Tensor, dict[str, float]]]
 
 
+#: Global batch at which ``lr`` is the peak learning rate under ``lr_scaling="linear"`` (MAE, Goyal et al. 2017).
+LR_REFERENCE_BATCH = 256
+LR_SCALING = ("linear", "none")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of one training run (stored in the checkpoint)."""
+    """Optimisation and data-loading settings of one training run (stored in the checkpoint).
+
+    Learning rate: with ``lr_scaling="linear"`` (the MAE convention) ``lr`` is a
+    *base* rate per 256 samples and the peak rate is
+    ``lr * batch_size * grad_accum * world_size / 256``; with ``"none"`` ``lr`` is
+    the peak rate whatever the batch. The schedule warms up linearly to the peak
+    and decays by a cosine to ``min_lr`` (:func:`bh_models.models.lr_schedule.warmup_cosine_lr`).
+    """
 
     steps: int
     batch_size: int  # per process and micro-batch
@@ -71,30 +109,52 @@ class TrainConfig:
     seed: int
     checkpoint_every: int
     grad_accum: int = 1
+    lr_scaling: str = "none"  # "linear": peak = lr * global batch / 256; "none": peak = lr
     warmup_steps: int | None = None  # None: 10 % of the steps
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 disables clipping
-    num_workers: int = 0
+    activation_checkpointing: bool = False  # recompute block activations in the backward pass
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 0  # data-loader worker processes (0: load in the training process)
+    pin_memory: bool = True  # page-locked batches for asynchronous host-to-GPU copies (CUDA only)
+    prefetch_factor: int = 2  # batches each worker loads ahead (with num_workers > 0)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
+        for key in ("steps", "batch_size", "checkpoint_every", "grad_accum", "prefetch_factor"):
             if getattr(self, key) < 1:
                 raise BHConfigError(key, f"must be >= 1, got {getattr(self, key)}", f"set {key} to a positive integer")
         if not self.lr > 0:
             raise BHConfigError("lr", f"must be > 0, got {self.lr}", "set a positive learning rate")
+        if self.lr_scaling not in LR_SCALING:
+            raise BHConfigError("lr_scaling", f"{self.lr_scaling!r} is not one of {LR_SCALING}",
+                                "use linear (peak lr = lr x global batch / 256) or none (lr is the peak)")
         if self.num_workers < 0:
-            raise BHConfigError("num_workers", "must be >= 0", "use 0 (deterministic default) or more")
+            raise BHConfigError("num_workers", "must be >= 0", "use 0 (load in the training process) or more")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise BHConfigError("warmup_steps", f"{self.warmup_steps} is not in [0, steps = {self.steps})",
+                                "set fewer warm-up steps than steps, or null for 10 % of the steps")
 
     @property
     def warmup(self) -> int:
         return max(1, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimiser step ``step`` (0-based)."""
+    def global_batch(self, world_size: int = 1) -> int:
+        """Samples per optimiser step over all processes."""
+        return self.batch_size * self.grad_accum * world_size
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """Peak learning rate of a run on ``world_size`` processes (see the class doc)."""
+        if self.lr_scaling == "linear":
+            return self.lr * self.global_batch(world_size) / LR_REFERENCE_BATCH
+        return self.lr
+
+    def lr_at(self, step: int, world_size: int = 1) -> float:
+        """Learning rate of optimiser step ``step`` (0-based) on ``world_size`` processes."""
+        peak = self.peak_lr(world_size)
         return warmup_cosine_lr(
-            step=step, base_lr=self.lr, warmup_steps=self.warmup, total_steps=self.steps, min_lr=self.min_lr
+            step=step, base_lr=peak, warmup_steps=self.warmup, total_steps=self.steps, min_lr=min(self.min_lr, peak)
         )
 
 
@@ -269,9 +329,15 @@ def fingerprint(obj: Any) -> str:
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors of a (nested) batch on ``device``; other values unchanged."""
+    """Tensors of a (nested) batch on ``device``; other values unchanged.
+
+    bf16 tensors (the store's compact T1 volumes and latents) are copied as they
+    are, half the bytes of float32, and widened to float32 on ``device``: the
+    models take float32 inputs (bf16 autocast then casts the matrix products).
+    """
     if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
+        moved = batch.to(device, non_blocking=True)
+        return moved.float() if moved.dtype == torch.bfloat16 else moved
     if isinstance(batch, dict):
         return {key: move_to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, list):
@@ -280,12 +346,14 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms, tokens and positional/modality embeddings."""
+    """AdamW groups: no decay on biases and other 1-D parameters (norms), as all three releases
+    (timm's ``add_weight_decay`` in MAE and the Harmonizer, I-JEPA's groups in Brain-JEPA);
+    tokens and learned positions, 2-D and more, are decayed like weights."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        exempt = parameter.ndim < 2 or any(word in name for word in ("token", "position", "modality"))
+        exempt = parameter.ndim < 2 or name.endswith(".bias")
         (no_decay if exempt else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -400,7 +468,8 @@ class _Run:
     """One training run: model (and its DDP wrapper), optimiser, scheduler, settings and identity."""
 
     model: nn.Module
-    wrapped: nn.Module  # ``model`` itself on one process
+    wrapped: nn.Module  # what the loss calls: ``model``, its DDP wrapper, or their torch.compile
+    ddp: nn.parallel.DistributedDataParallel | None  # the DDP wrapper (``no_sync``), None on one process
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     config: TrainConfig
@@ -409,24 +478,53 @@ class _Run:
     run_id: str  # fingerprint of everything a resume must match
 
 
+#: Settings that change neither the arithmetic nor the data order: a run may resume with other values.
+_RESUMABLE_SETTINGS = ("checkpoint_every", "num_workers", "pin_memory", "prefetch_factor", "activation_checkpointing",
+                       "compile")
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Switch activation checkpointing of every Transformer stack of ``model``: modules with a
+    ``grad_checkpointing`` flag, or whose ``config`` dataclass has that field. Returns how many
+    modules were switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "grad_checkpointing", None), bool):
+            module.grad_checkpointing = enabled
+            switched += 1
+        config = getattr(module, "config", None)
+        if dataclasses.is_dataclass(config) and any(f.name == "grad_checkpointing" for f in dataclasses.fields(config)):
+            module.config = dataclasses.replace(config, grad_checkpointing=enabled)
+            switched += 1
+    return switched
+
+
 def _setup(model: nn.Module, dataset: Dataset, *, config: TrainConfig, model_config: dict, context: DistContext,
            data_id: str) -> _Run:
-    """Model on its device (DDP-wrapped with several processes), AdamW, warm-up + cosine, run fingerprint."""
+    """Model on its device (DDP-wrapped with several processes, optionally compiled), AdamW with the
+    peak learning rate of this world size, warm-up + cosine, run fingerprint."""
     model.to(context.device)
+    set_activation_checkpointing(model, config.activation_checkpointing)
+    ddp = None
     wrapped: nn.Module = model
     if context.world_size > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
+        ddp = wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.local_rank] if context.device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_at(step) / config.lr)
+    if config.compile:
+        wrapped = torch.compile(wrapped)
+    peak = config.peak_lr(context.world_size)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=peak, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: config.lr_at(step, context.world_size) / peak
+    )
     run_id = fingerprint({
         # data_id: a resume file from training on other data (a re-packed store) is not resumed.
         "model": model_config, "world_size": context.world_size, "n_samples": len(dataset),  # type: ignore[arg-type]
         "data": data_id,
-        "train": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_every", "num_workers")},
+        "train": {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_SETTINGS},
     })
-    return _Run(model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, config=config,
+    return _Run(model=model, wrapped=wrapped, ddp=ddp, optimizer=optimizer, scheduler=scheduler, config=config,
                 model_config=model_config, context=context, run_id=run_id)
 
 
@@ -473,8 +571,11 @@ def _batches(dataset: Dataset, collate_fn: Callable, *, config: TrainConfig, con
     loader_generator = torch.Generator().manual_seed(
         step_seed(seed=config.seed, micro_step=start_step * config.grad_accum, rank=context.rank, stream=1)
     )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
-                        pin_memory=context.device.type == "cuda", generator=loader_generator)
+    workers = config.num_workers
+    # Workers open their own memory maps of the store (bh_models.models.data), so they share the page cache.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
+                        pin_memory=config.pin_memory and context.device.type == "cuda", generator=loader_generator,
+                        prefetch_factor=config.prefetch_factor if workers else None, persistent_workers=workers > 0)
     return iter(loader)
 
 
@@ -482,7 +583,7 @@ def _accumulate_gradients(run: _Run, batches: Iterator[Any], step: int, *,
                           loss_fn: LossFn) -> tuple[list[Tensor], dict[str, float]]:
     """Forward and backward over the step's ``grad_accum`` micro-batches: their losses and mean model metrics."""
     config, context = run.config, run.context
-    device, world_size = context.device, context.world_size
+    device = context.device
     losses, extras = [], {}
     for micro in range(config.grad_accum):
         batch = move_to_device(next(batches), device)
@@ -490,8 +591,8 @@ def _accumulate_gradients(run: _Run, batches: Iterator[Any], step: int, *,
             step_seed(seed=config.seed, micro_step=step * config.grad_accum + micro, rank=context.rank)
         )
         # Gradients are all-reduced only on the last micro-batch of a step.
-        skip_sync = world_size > 1 and micro < config.grad_accum - 1
-        with run.wrapped.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+        skip_sync = run.ddp is not None and micro < config.grad_accum - 1
+        with run.ddp.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[union-attr]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, metrics = loss_fn(run.wrapped, batch, generator)
             (loss / config.grad_accum).backward()

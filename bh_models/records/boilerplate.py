@@ -50,7 +50,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Training data", ("bh_models.store.augment", "bh_models.store.scaling", "bh_models.store.splits", "bh_models.store.shards")),
     ("Models and pretraining", ("bh_models.models.nn", "bh_models.models.train", "bh_models.models.latents",
                                 "bh_models.models.bundle")),
-    ("Evaluation", ("bh_models.evaluation.targets", "bh_models.evaluation.evaluate")),
+    ("Evaluation", ("bh_models.evaluation.targets", "bh_models.evaluation.evaluate", "bh_models.models.finetune")),
 )
 
 #: The pipeline's processing modules: each must have a ``__desc__`` (tested).

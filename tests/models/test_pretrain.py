@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from bh_models.models import embeddings, pretrain, train as train_module
 from bh_models.core.errors import BHInputError
@@ -131,6 +131,7 @@ def fake_store_module():
     module.FmriShardDataset = functools.partial(_Items, modality="fmri")
     module.T1ShardDataset = functools.partial(_Items, modality="t1")
     module.collate_fmri = fake_collate_fmri
+    module.collate_t1 = default_collate
     module.paired_samples = fake_paired_samples
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "bh_models.models.data", module)
@@ -428,8 +429,8 @@ def test_data_identity_changes_with_the_packed_data(tmp_path):
 
 def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dict, tmp_path: Path) -> None:
     """extract_latents writes a latent store (the cache's format); the fine-tuned model joins the evaluation."""
-    from bh_models.evaluation.evaluate import evaluate_dataset
-    from bh_models.evaluation.finetune import count_trainable_parameters, model_layers
+    from bh_models.evaluation.evaluate import evaluate_dataset, write_finetune_folds
+    from bh_models.models.finetune import finetune_harmonizer, model_layers
     from bh_models.models.latents import LatentStore, read_latents, unpack_rows
     from bh_models.models.nn.hub_classifier import HubClassifier
 
@@ -447,7 +448,7 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dic
     t1_only = torch.from_numpy(subjects == "07")
     assert not mask[t1_only, :n_f].any() and mask[t1_only, n_f:].all()
     model = HubClassifier(harmonizer, 2)
-    assert len(model_layers(model=model)) == harmonizer.config.depth + 2
+    assert len(model_layers(model)) == harmonizer.config.depth + 2
     with torch.no_grad():  # the release's fine-tuning input: hub outputs before the final norm
         features = harmonizer.forward_features(tokens, mask, final_norm=False)[:, 1:]
         logits = model(x)
@@ -471,19 +472,23 @@ def test_finetuning_the_harmonizer_on_packed_latents(pipeline: dict, bundle: dic
         participants, sep="\t", index=False)
     outputs = {name: tmp_path / "eval" / f"{name}.out" for name in
                ("out_results", "out_predictions", "out_figure_metrics", "out_figure_roc", "out_figure_scatter")}
-    evaluate_dataset(
-        fused=tables / "hub.tsv", fmri_only=tables / "hub.tsv", t1_only=tables / "hub.tsv",
-        timeseries=[], participants=participants, dataset="synth",
-        tasks={"diagnosis": {"column": "diagnosis", "type": "classification", "positive": "patient"}},
-        n_folds=3, n_repeats=1, n_permutations=3, latents=[tmp_path / "a"],
-        harmonizer_checkpoint=[pipeline["harmonizer"]["out_checkpoint"]],
-        finetune={"enabled": True, "learning_rates": [1e-3], "layer_decays": [0.75], "max_epochs": 2,
-                  "batch_size": 4}, **outputs)
+    inputs = dict(fused=tables / "hub.tsv", fmri_only=tables / "hub.tsv", t1_only=tables / "hub.tsv", timeseries=[],
+                  participants=participants, dataset="synth", n_folds=3, n_repeats=1,
+                  tasks={"diagnosis": {"column": "diagnosis", "type": "classification", "positive": "patient"}})
+    # The evaluation stage writes the probes' folds; the models-stage job fine-tunes on them; the
+    # evaluation reads its scores back.
+    write_finetune_folds(out_folds=tmp_path / "eval" / "folds.tsv", **inputs)
+    finetune_harmonizer(latents=[tmp_path / "a"], harmonizer_checkpoint=pipeline["harmonizer"]["out_checkpoint"],
+                        folds=tmp_path / "eval" / "folds.tsv", out_predictions=tmp_path / "ft" / "scores.tsv",
+                        epochs=2, warmup_epochs=0, batch_size=4)
+    evaluate_dataset(n_permutations=3, finetuned=tmp_path / "ft" / "scores.tsv", finetune={"enabled": True},
+                     **inputs, **outputs)
     results = pd.read_csv(outputs["out_results"], sep="\t").set_index("model")
     row = results.loc["fused_finetuned"]
-    assert row["n_trainable_params"] == count_trainable_parameters(model=HubClassifier(harmonizer, 2))
+    assert row["n_trainable_params"] == sum(p.numel() for p in HubClassifier(harmonizer, 2).parameters())
     assert 0 <= row["auroc_mean"] <= 1 and np.isnan(row["permutation_p"]) and row["n_permutations"] == 0
-    assert row["selected_penalty"].startswith("lr=0.001 decay=0.75 epochs=")
+    assert row["selected_penalty"] == "recipe: lr=0.0005 layer decay=0.65 epochs=2"
+    assert row["n_subjects"] == results.loc["fused", "n_subjects"]
 
 
 def test_the_bundle_holds_everything_to_encode_and_verifies(bundle: dict) -> None:

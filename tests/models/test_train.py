@@ -280,3 +280,81 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path: Path) -> None:
 
     subprocess.run([sys.executable, str(script), str(folder)], check=True, env=env, capture_output=True)
     assert_same_state(load_checkpoint(tmp_path / "full" / "m.pt")["model"], load_checkpoint(folder / "m.pt")["model"])
+
+
+# ----------------------------------------------------------------------------- settings (issue 19)
+
+
+def test_linear_lr_scaling_follows_the_global_batch() -> None:
+    from bh_models.core.errors import BHConfigError
+
+    config = TrainConfig(steps=100, batch_size=16, grad_accum=2, lr=5e-4, seed=0, checkpoint_every=10,
+                         lr_scaling="linear", warmup_steps=10, min_lr=1e-6)
+    assert config.global_batch(8) == 256
+    assert config.peak_lr(8) == pytest.approx(5e-4)  # 5e-4 x 256 / 256
+    assert config.peak_lr(1) == pytest.approx(5e-4 * 32 / 256)
+    assert config.lr_at(9, world_size=8) == pytest.approx(5e-4)  # end of warm-up
+    assert config.lr_at(99, world_size=8) == pytest.approx(1e-6)
+    unscaled = TrainConfig(steps=100, batch_size=16, lr=5e-4, seed=0, checkpoint_every=10)
+    assert unscaled.peak_lr(8) == unscaled.peak_lr(1) == 5e-4
+    with pytest.raises(BHConfigError, match="lr_scaling"):
+        TrainConfig(steps=10, batch_size=1, lr=1e-3, seed=0, checkpoint_every=1, lr_scaling="sqrt")
+    with pytest.raises(BHConfigError, match="warmup_steps"):
+        TrainConfig(steps=10, batch_size=1, lr=1e-3, seed=0, checkpoint_every=1, warmup_steps=10)
+
+
+def test_the_run_uses_the_scaled_peak(tmp_path: Path) -> None:
+    seed_everything(0)
+    config = TrainConfig(steps=6, batch_size=4, grad_accum=2, lr=0.064, seed=0, checkpoint_every=10,
+                         lr_scaling="linear", warmup_steps=2)
+    train(model=Regressor(noise=0.0), loss_fn=call_model, dataset=regression_data(), collate_fn=default_collate,
+          config=config, model_config={"kind": "regressor"}, out_checkpoint=tmp_path / "m.pt",
+          out_metrics=tmp_path / "m.tsv", out_curve=tmp_path / "m.png", title="lr")
+    lrs = pd.read_csv(tmp_path / "m.tsv", sep="\t")["lr"]
+    assert lrs[1] == pytest.approx(0.064 * 8 / 256)  # peak at the end of the warm-up, global batch 8
+
+
+def test_activation_checkpointing_switch_gives_the_same_gradients() -> None:
+    from bh_models.models.train import set_activation_checkpointing
+
+    grads = []
+    for enabled in (False, True):
+        seed_everything(0)
+        config = model_config(model="harmonix_f", size="tiny", overrides={"n_rois": N_ROIS, "geometry_dim": 3})
+        model = HarmonixF(config, torch.randn(N_ROIS, 3)).train()
+        assert set_activation_checkpointing(model, enabled) >= 3  # encoder, target encoder, predictor
+        flags = [getattr(m, "grad_checkpointing", None) for m in model.modules()]
+        flags += [m.config.grad_checkpointing for m in model.modules() if hasattr(getattr(m, "config", None),
+                                                                                    "grad_checkpointing")]
+        assert {f for f in flags if f is not None} == {enabled}
+        loss, _ = model(collate_fmri(fmri_items(4)), torch.Generator().manual_seed(1))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_loader_workers_and_prefetch_change_nothing_but_speed(tmp_path: Path) -> None:
+    """Workers, prefetching and checkpointing do not enter the run's identity: same weights, and a
+    run stopped with one setting resumes with another."""
+    states = []
+    for name, settings in (("plain", {}), ("workers", {"num_workers": 2, "prefetch_factor": 3,
+                                                        "activation_checkpointing": True})):
+        seed_everything(0)
+        config = model_config(model="harmonix_f", size="tiny", overrides={"n_rois": N_ROIS, "geometry_dim": 3})
+        model = HarmonixF(config, torch.randn(N_ROIS, 3))
+        train_config = TrainConfig(steps=4, batch_size=3, lr=1e-3, seed=0, checkpoint_every=2, **settings)
+        stop = 3 if name == "workers" else None
+        for stop_after in ((stop, None) if stop else (None,)):
+            if stop_after is None and stop:  # resume with the plain settings
+                train_config = TrainConfig(steps=4, batch_size=3, lr=1e-3, seed=0, checkpoint_every=2)
+                seed_everything(0)
+                model = HarmonixF(config, torch.randn(N_ROIS, 3))
+            result = train(model=model, loss_fn=call_model, dataset=fmri_items(), collate_fn=collate_fmri,
+                           config=train_config, model_config=config_to_dict(config),
+                           out_checkpoint=tmp_path / name / "m.pt", out_metrics=tmp_path / name / "m.tsv",
+                           out_curve=tmp_path / name / "m.png", title=name, stop_after=stop_after)
+        assert result.completed and result.start_step == (2 if stop else 0)
+        states.append(load_checkpoint(tmp_path / name / "m.pt")["model"])
+    assert_same_state(states[0], states[1])

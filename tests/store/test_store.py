@@ -196,9 +196,11 @@ def test_t1_round_trip_and_pairing(inputs: dict, store: Path) -> None:
         data = T1ShardDataset(t1_folders(store), split)
         for i in range(len(data)):
             item = data[i]
-            assert item["t1"].shape == (1, *T1_SHAPE) and item["t1"].dtype == torch.float32
+            # Stored in bf16: the float32 source rounded to nearest even, as torch rounds it.
+            assert item["t1"].shape == (1, *T1_SHAPE) and item["t1"].dtype == torch.bfloat16
             source = np.load(sources[data.index.loc[i, "dataset"], data.index.loc[i, "source_file"]])
-            assert np.array_equal(item["t1"][0].numpy(), source)
+            assert torch.equal(item["t1"][0], torch.from_numpy(source).to(torch.bfloat16))
+            assert item["t1"].float().sub(torch.from_numpy(source)).abs().max() <= np.abs(source).max() * 2.0**-8
             n_t1 += 1
         pairs = paired_samples(fmri=fmri_folders(store), t1=t1_folders(store), split=split)
         assert list(pairs.columns) == ["subject", "dataset", "fmri_sample_id", "t1_sample_id"]
@@ -310,3 +312,75 @@ def test_derivative_reader_refuses_another_roi_order(inputs: dict, store: Path, 
     (tmp_path / "scaling.json").write_text(json.dumps(scaling))
     with pytest.raises(BHInputError, match="differ from the scaling statistics.*network order"):
         FmriTableDataset(samples=samples, timeseries=timeseries, scaling=tmp_path / "scaling.json")
+
+
+def test_bf16_bits_round_like_torch_including_ties() -> None:
+    from bh_models.core.storeformat import bf16_bits, bf16_to_float32
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-6, 6, 10_000),
+                             np.array([0.0, -0.0, 1.0, 65504.0, 1e-40], dtype=np.float32)])
+    # Exact ties (low 16 bits = 0x8000) round to the even upper half in both directions.
+    ties = (np.array([0x3F808000, 0x3F818000, 0xBF808000], dtype=np.uint32)).view(np.float32)
+    values = np.concatenate([values, ties]).astype(np.float32)
+    ours = bf16_bits(values)
+    reference = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours, reference)
+    assert np.array_equal(bf16_to_float32(ours), torch.from_numpy(values).to(torch.bfloat16).float().numpy())
+    assert bf16_bits(ties).tolist() == [0x3F80, 0x3F82, 0xBF80]
+
+
+def test_t1_shards_are_bf16_and_load_through_workers(store: Path) -> None:
+    folder = t1_folders(store)[0]
+    meta = json.loads((folder / "index.json").read_text())
+    assert (meta["dtype"], meta["encoding"]) == ("<u2", "bfloat16-bits")
+    shard = np.load(sorted(folder.glob("shard-*.npy"))[0], mmap_mode="r")
+    assert shard.dtype == np.uint16 and shard.shape[1:] == T1_SHAPE
+    data = T1ShardDataset(t1_folders(store), "train")
+    direct = torch.stack([data[i]["t1"] for i in range(len(data))])
+    loader = DataLoader(data, batch_size=2, num_workers=2, collate_fn=lambda items: torch.stack(
+        [item["t1"] for item in items]))
+    assert torch.equal(torch.cat(list(loader)), direct)
+    from bh_models.models.train import move_to_device
+
+    widened = move_to_device({"t1": direct}, torch.device("cpu"))["t1"]
+    assert widened.dtype == torch.float32 and torch.equal(widened, direct.float())
+
+
+def test_pack_t1_refuses_non_finite_volumes(inputs: dict, tmp_path: Path) -> None:
+    _, tensors = inputs["dsB"]
+    broken = tmp_path / tensors[0].name
+    volume = np.load(tensors[0])
+    volume[1, 2, 3] = np.inf
+    np.save(broken, volume)
+    splits = tmp_path / "splits.tsv"
+    pd.DataFrame({"dataset": "dsB", "subject": sorted({p.name.split("_")[0][4:] for p in tensors}), "split": "train",
+                  "stratum": "", "n_fmri_samples": 0, "n_t1": 1}).to_csv(splits, sep="\t", index=False)
+    with pytest.raises(BHInputError, match="NaN or infinite"):
+        pack_t1(t1_tensors=[broken, *tensors[1:]], splits=splits, dataset="dsB", out_dir=tmp_path / "t1")
+    assert not [p.name for p in (tmp_path / "t1").iterdir() if p.name.endswith((".npy", ".tmp"))]
+
+
+def test_t1_batches_are_read_into_one_buffer_and_collated_without_a_copy(store: Path) -> None:
+    from bh_models.models.data import collate_t1
+    from bh_models.models.train import DistContext, TrainConfig, _batches
+
+    data = T1ShardDataset(t1_folders(store), "train")
+    indices = list(range(len(data)))[::-1]
+    items = data.__getitems__(indices)
+    batch = collate_t1(items)
+    assert batch["t1"].shape == (len(indices), 1, *T1_SHAPE) and batch["t1"].dtype == torch.bfloat16
+    assert batch["t1"].untyped_storage().data_ptr() == items[0]["t1"].untyped_storage().data_ptr()  # no copy
+    assert torch.equal(batch["t1"], torch.stack([data[i]["t1"] for i in indices]))
+    assert batch["sample_id"] == [data[i]["sample_id"] for i in indices]
+    # Items from elsewhere are stacked.
+    assert torch.equal(collate_t1([data[0], data[1]])["t1"], torch.stack([data[0]["t1"], data[1]["t1"]]))
+    # The training loop's iterator, with and without workers, gives the same batches.
+    streams = []
+    for workers in (0, 2):
+        config = TrainConfig(steps=10, batch_size=2, lr=1e-3, seed=3, checkpoint_every=10, num_workers=workers)
+        context = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        stream = _batches(data, collate_t1, config=config, context=context, start_step=0)
+        streams.append([next(stream) for _ in range(3)])
+    for a, b in zip(*streams):
+        assert torch.equal(a["t1"], b["t1"]) and a["sample_id"] == b["sample_id"]

@@ -48,8 +48,11 @@ def _two_downstream(config):
 
 # name -> (edit of the demo config, rules it must plan, rules it must not plan)
 VARIANTS = {
-    "demo": (None, {"make_bundle", "extract_embeddings", "evaluate_dataset"}, {"extract_latents", "evaluate_pooled"}),
-    "finetune": (_finetune, {"extract_latents"}, set()),
+    "demo": (None, {"make_bundle", "extract_embeddings", "evaluate_dataset"},
+             {"extract_latents", "evaluate_pooled", "finetune_folds", "finetune"}),
+    "finetune": (_finetune, {"extract_latents", "finetune_folds", "finetune"}, {"finetune_pooled"}),
+    "finetune-pooled": (lambda c: (_finetune(c), _two_downstream(c)),
+                        {"finetune_folds_pooled", "finetune_pooled", "evaluate_pooled"}, set()),
     "networks-7": (_networks_7, {"func_preprocess"}, set()),
     "ants-skullstrip": (_ants, {"anat_preprocess"}, set()),
     "fd-threshold": (_fd_threshold, {"func_preprocess"}, set()),

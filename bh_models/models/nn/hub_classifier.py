@@ -5,7 +5,7 @@ without its decoder and without its final LayerNorm; the mean of the 128 output 
 tokens (the class token's output is discarded) goes through a fresh LayerNorm
 (``fc_norm``) and a linear head (weights drawn with std 2e-5, zero bias).
 
-Fine-tuned end to end by :func:`bh_models.evaluation.finetune.finetune_cross_validated`
+Fine-tuned end to end by the fine-tuning job (:mod:`bh_models.models.finetune`)
 with layer-wise learning-rate decay over ``layer_groups()``, ordered as the release's
 layer ids: the class token (and ``pre_map``, if any) first, then each block, then the hub
 tokens with their positions, ``fc_norm`` and the head.
