@@ -1,11 +1,13 @@
 """QC figures of the anatomical chain (fMRIPrep style), byte-reproducible.
 
-Two mosaics, each three rows of slices (sagittal, coronal, axial):
+Three mosaics, each three rows of slices (sagittal, coronal, axial):
 
 - :func:`plot_mask_contour`: the brain-mask contour (red) over the native T1w;
 - :func:`plot_registration`: edges of the template (cyan: brain outline and
   the white-matter boundary, contours of the smoothed template) over the T1w
-  resampled into template space.
+  resampled into template space;
+- :func:`plot_segmentation`: the tissue segmentation (white-matter and CSF
+  boundaries, brain mask) over the template-space T1w.
 
 Slices are shown in the closest RAS orientation of the image (radiological
 conventions aside, left is left). Matplotlib's Agg backend with a fixed size,
@@ -168,3 +170,35 @@ def plot_registration(*, image: nib.Nifti1Image, template: nib.Nifti1Image, temp
     return _mosaic(background=data, overlays=[(outline, 0.5, "cyan"), (smooth, wm_level, "yellow")],
                    extent_mask=tmask, window=_window(data, data > 0), aspect=tuple(float(z) for z in zooms),
                    title=title, out_png=out_png)
+
+
+def plot_segmentation(*, image: nib.Nifti1Image, probseg: dict[str, np.ndarray], mask: np.ndarray, title: str,
+                      out_png: Path) -> Path:
+    """Tissue boundaries over the template-space T1w (3 rows x :data:`N_SLICES`).
+
+    Contours at posterior 0.5: white matter (cyan), CSF (magenta) and the brain
+    mask (red); grey matter lies between them.
+
+    Parameters
+    ----------
+    image : Nifti1Image
+        T1w on the grid of the posteriors (RAS template grid).
+    probseg : dict
+        ``"WM"`` and ``"CSF"`` posteriors, (X, Y, Z) arrays on that grid.
+    mask : np.ndarray
+        (X, Y, Z) brain mask.
+    title : str
+        Figure title.
+    out_png : Path
+        Written atomically.
+    """
+    data = _canonical(image)
+    canonical = nib.as_closest_canonical(image)
+    if not np.allclose(canonical.affine, image.affine):
+        raise ValueError("plot_segmentation expects an image stored RAS (the template grid)")
+    brain = np.asarray(mask, dtype=bool)
+    zooms = canonical.header.get_zooms()[:3]
+    overlays = [(brain.astype(np.float32), 0.5, "red"), (np.asarray(probseg["WM"], np.float32), 0.5, "cyan"),
+                (np.asarray(probseg["CSF"], np.float32), 0.5, "magenta")]
+    return _mosaic(background=data, overlays=overlays, extent_mask=brain, window=_window(data, brain),
+                   aspect=tuple(float(z) for z in zooms), title=title, out_png=out_png)
