@@ -421,7 +421,7 @@ def _segment(mni: _MniImages, *, resolution: float, t1w: Path, out_probseg: dict
     })
     volumes = tissues.volumes_ml()
     plot_segmentation(image=mni.t1w, probseg=tissues.probseg, mask=mni.mask_data,
-                      title=f"{_stem(t1w)}: tissues (WM cyan, CSF magenta), GM {volumes['GM']:.0f} mL, "
+                      title=f"{_stem(t1w)}: tissues (WM cyan, CSF magenta, GM grey), GM {volumes['GM']:.0f} mL, "
                             f"WM {volumes['WM']:.0f} mL, CSF {volumes['CSF']:.0f} mL",
                       out_png=Path(out_qc_segmentation))
     return tissues

@@ -19,7 +19,10 @@ Choices, measured on the demo cohort (MNI-space T1w of the demo run, 2 mm, 2-cor
 * no MRF smoothing: the 3-D MRF (``[0.1,1x1x1]``) took 3-4 times longer (7-14 s
   against 2-4 s per subject) and moved CSF *away* from the truth (-13 to -18 %);
 * the grid is cropped to the brain mask's bounding box first (same result,
-  less work).
+  less work);
+* Atropos seeds its random number generator randomly unless told
+  ``--use-random-seed 0``, which is passed: posteriors then come out
+  byte-identical run after run (with a random seed they moved by up to 1e-4).
 
 The priors are the MNI152 2009a (symmetric) maps nilearn ships; the subject
 image is in 2009c (asymmetric) space. The two differ by a millimetre or two,
@@ -146,7 +149,8 @@ def segment_tissues(*, t1w: nib.Nifti1Image, mask: np.ndarray, resolution: float
         try:
             result = ants.atropos(a=image, x=to_ants(mask.astype(np.float32)),
                                   i=[to_ants(priors[name] * mask) for name in TISSUES],
-                                  m=MRF, c=CONVERGENCE, priorweight=PRIOR_WEIGHT)
+                                  m=MRF, c=CONVERGENCE, priorweight=PRIOR_WEIGHT,
+                                  r=0)  # --use-random-seed 0: Atropos' fixed seed (its default is a random one)
             posteriors = [p.numpy() for p in result["probabilityimages"]]  # label order = TISSUES
         finally:
             tempfile.tempdir = previous

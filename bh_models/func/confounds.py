@@ -55,7 +55,8 @@ full 4-D grid, in a private temporary folder. The brain-wide measures
 every :data:`BRAIN_LATTICE_STEP`-th voxel along each axis (4 mm at 2 mm), which
 the chain resamples anyway (a brain mask's worth of voxels costs as much as
 keeping the MNI-space BOLD); DVARS uses at most :data:`DVARS_MAX_VOXELS` of
-them, evenly spaced.
+them, evenly spaced, and the grey-matter tSNR at most :data:`TSNR_MAX_VOXELS`
+grey-matter voxels.
 """
 
 from __future__ import annotations
@@ -98,8 +99,10 @@ SPIKE_STD_DVARS = 1.5
 #: Brain-wide measures sample every n-th brain voxel along each axis of the template grid.
 BRAIN_LATTICE_STEP = 2
 #: DVARS uses an evenly spaced subset of at most this many of those voxels: nipype fits an AR(1) model per
-#: voxel in a Python loop (~0.1 ms each), and DVARS, an RMS over voxels, needs no more.
-DVARS_MAX_VOXELS = 4000
+#: voxel in a Python loop (~0.15 ms each), and DVARS, an RMS over voxels, needs no more.
+DVARS_MAX_VOXELS = 2000
+#: tSNR in grey matter: the median over at most this many grey-matter voxels, evenly spaced.
+TSNR_MAX_VOXELS = 20000
 #: Tissue masks whose mean signals are written, in fMRIPrep's column names.
 MASK_COLUMNS = {"CSF": "csf", "WM": "white_matter", "combined": "csf_wm"}
 _COMPCOR_PREFIX = {"CSF": "c_comp_cor_", "WM": "w_comp_cor_", "combined": "a_comp_cor_"}
@@ -457,9 +460,10 @@ def compute_confounds(*, series: np.ndarray, sets: VoxelSets, params: np.ndarray
     voxels = {"brain": int(sets.brain.size), "dvars": int(brain_series[:, ::step].shape[1]),
               **{n: int(v.size) for n, v in sets.masks.items()},
               "tcompcor": int(high_variance.sum()), "grey": int(sets.grey.size)}
+    grey = sets.grey[::-(-sets.grey.size // TSNR_MAX_VOXELS)] if sets.grey.size else sets.grey
     return Confounds(table=table, metadata={k: metadata[k] for k in table.columns if k in metadata},
                      mask_voxels=voxels, tcompcor_rows=sets.brain[high_variance],
-                     tsnr_gm=temporal_snr(series[:, sets.grey]), notes=notes)
+                     tsnr_gm=temporal_snr(series[:, grey]), notes=notes)
 
 
 def _basic_metadata() -> dict[str, dict]:

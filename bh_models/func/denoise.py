@@ -105,6 +105,12 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "with high-motion frames censored", "Power et al. 2012; Power et al. 2014"),
 )}
 
+#: The workflow's default (``func.denoise``, ``func.gsr``): the best fidelity among the strategies whose median
+#: |QC-FC| is at or below the median of all, measured on the demo by ``benchmarks/bench_denoise.py`` (README,
+#: "Denoising").
+DEFAULT_STRATEGY = "none"
+DEFAULT_GSR = True
+
 
 @dataclass(frozen=True)
 class Scrubbing:
@@ -115,7 +121,7 @@ class Scrubbing:
     min_segment: int = 5
 
 
-def check_denoise(*, denoise: str = "24P", gsr: bool = False, high_pass: float | None = 0.01,
+def check_denoise(*, denoise: str = DEFAULT_STRATEGY, gsr: bool = DEFAULT_GSR, high_pass: float | None = 0.01,
                   low_pass: float | None = None, standardize: bool | str = "psc",
                   fd_threshold: float | None = 0.5, std_dvars_threshold: float | None = 1.5,
                   min_segment: int = 5) -> Strategy:
@@ -405,11 +411,11 @@ def describe_methods(*, config: Mapping[str, Any]) -> str:
         value = placeholder_value(name=name, config=config, module=module)
         return default if value is None and default is not None else value
 
-    name = setting("func.denoise", "24P")
-    strategy = STRATEGIES.get(name, STRATEGIES["24P"])
+    name = setting("func.denoise", DEFAULT_STRATEGY)
+    strategy = STRATEGIES.get(name, STRATEGIES[DEFAULT_STRATEGY])
     high_pass, low_pass = setting("func.high_pass", None), setting("func.low_pass", None)
     detrend, standardize = setting("func.detrend", True), setting("func.standardize", "psc")
-    gsr = setting("func.gsr", False)
+    gsr = setting("func.gsr", DEFAULT_GSR)
     steps = ["linear detrending"] if detrend is not False else []
     if high_pass and low_pass:
         steps.append(f"Butterworth band-pass filtering ({high_pass:g}-{low_pass:g} Hz)")

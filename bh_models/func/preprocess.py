@@ -45,6 +45,8 @@ from bh_models.func.confounds import (
     compute_confounds,
 )
 from bh_models.func.denoise import (
+    DEFAULT_GSR,
+    DEFAULT_STRATEGY,
     Scrubbing,
     Strategy,
     StrategyError,
@@ -538,10 +540,11 @@ def extract_run(*, bold: Path, t1w: Path, t1w_mask: Path, t1w_to_mni: Path, mni_
                       warnings=warnings + notes + confounds.notes)
 
 
-def denoise_run(signals: RunSignals, *, denoise: str = "24P", gsr: bool = False, fd_threshold: float | None = 0.5,
-                std_dvars_threshold: float | None = 1.5, min_segment: int = 5, detrend: bool = True,
-                high_pass: float | None = 0.01, low_pass: float | None = None, standardize: bool | str = "psc",
-                min_volumes: int = MIN_VOLUMES) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
+def denoise_run(signals: RunSignals, *, denoise: str = DEFAULT_STRATEGY, gsr: bool = DEFAULT_GSR,
+                fd_threshold: float | None = 0.5, std_dvars_threshold: float | None = 1.5, min_segment: int = 5,
+                detrend: bool = True, high_pass: float | None = 0.01, low_pass: float | None = None,
+                standardize: bool | str = "psc", min_volumes: int = MIN_VOLUMES
+                ) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
     """Stage 8 of :func:`preprocess_bold` on an extracted run: (T_kept, 400) series, censored frames, info, notes.
 
     ``info`` holds the regressors, their rank, the censored frames and the degrees of freedom lost.
@@ -583,8 +586,8 @@ def preprocess_bold(
     detrend: bool = True,
     high_pass: float | None = 0.01,
     low_pass: float | None = None,
-    denoise: str = "24P",
-    gsr: bool = False,
+    denoise: str = DEFAULT_STRATEGY,
+    gsr: bool = DEFAULT_GSR,
     fd_threshold: float | None = 0.5,
     std_dvars_threshold: float | None = 1.5,
     min_segment: int = 5,

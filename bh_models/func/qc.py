@@ -153,12 +153,12 @@ def _save(fig, out_png: Path, **kwargs) -> Path:
 
 # Drawn in this order: the combined mask (WM + CSF) shows where neither WM nor CSF covers it.
 ROI_COLOURS = {"combined": "lime", "WM": "cyan", "CSF": "magenta"}
-N_ROI_SLICES = 6
+N_ROI_SLICES = 5
 
 
 def plot_rois(*, background: np.ndarray, brain: np.ndarray, masks: dict[str, np.ndarray],
               tcompcor_voxels: np.ndarray, title: str, out_png: Path) -> Path:
-    """The confound masks over the template-space T1w: 3 rows (sagittal, coronal, axial) x 6 slices.
+    """The confound masks over the template-space T1w: 3 rows (sagittal, coronal, axial) x 5 slices.
 
     Parameters
     ----------

@@ -139,14 +139,14 @@ def outputs(folder: Path) -> dict:
 def run(subject: dict, folder: Path, *, bold: Path | None = None, **kwargs) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     args = {"bold": bold or subject["bold"], **subject["anat"], **outputs(folder), "resolution": RESOLUTION,
-            "tr_sidecar": 2.0}
+            "tr_sidecar": 2.0, "denoise": "24P", "gsr": False}   # 24P unless a test names another strategy
     args.update(kwargs)
     return preprocess_bold(**args)
 
 
 @pytest.fixture(scope="module")
 def default_run(subject, tmp_path_factory) -> tuple[Path, dict]:
-    """Default cleaning; sidecar TR 2.0 s against a header TR of 1.0 s."""
+    """24P cleaning; sidecar TR 2.0 s against a header TR of 1.0 s."""
     folder = tmp_path_factory.mktemp("run_default")
     return folder, run(subject, folder)
 
