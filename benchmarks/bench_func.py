@@ -13,9 +13,10 @@ Timed, each in a fresh process (so ``ru_maxrss`` is that job's own peak,
 interpreter and imports included), with 2 threads as the rule gives:
 
 ``preprocess_bold``
-    The whole step at the 2 mm template resolution, default cleaning:
-    motion, coregistration, one-shot resampling of the atlas voxels,
-    parcellation, cleaning, TSV/JSON/PNG outputs.
+    The whole step at the 2 mm template resolution, default denoising:
+    motion, coregistration, one-shot resampling of the atlas voxels (and of
+    the confound masks and brain lattice), parcellation, confounds,
+    denoising, TSV/JSON/PNG outputs.
 ``one-shot (atlas voxels)`` / ``one-shot (full grid)``
     :func:`bh_models.func.resample.map_points` once plus
     :func:`bh_models.func.resample.resample_bold` for every volume, onto the atlas
@@ -109,6 +110,16 @@ def setup(workdir: Path, *, n_volumes: int, bold_mm: float, anat_mm: float, seed
     anat_s = time.perf_counter() - t0
     template2, mask2, _ = load_template(RESOLUTION)
     nib.save(mask2, workdir / "mni_mask.nii.gz")
+    nib.save(template2, workdir / "mni_t1w.nii.gz")
+    # Tissue posteriors as the anatomical chain writes them (here: the template priors, normalised in the mask).
+    from bh_models.anat.tissues import tissue_priors
+
+    priors = tissue_priors(RESOLUTION)
+    inside = np.asarray(mask2.dataobj) > 0
+    total = sum(priors.values()) + 1e-6
+    for name in ("GM", "WM", "CSF"):
+        nib.save(nib.Nifti1Image((priors[name] / total * inside).astype(np.float32), mask2.affine),
+                 workdir / f"{name.lower()}_probseg.nii.gz")
 
     # BOLD: EPI-like contrast from the 2 mm template, parcel series, motion, noise.
     tpl = np.asarray(template2.dataobj, dtype=np.float32)
@@ -155,8 +166,11 @@ def _measure(queue: mp.Queue, job: str, workdir: str) -> None:
         out = preprocess_bold(
             bold=bold, t1w=work / "t1w.nii.gz", t1w_mask=work / "t1w_mask.nii.gz",
             t1w_to_mni=work / "t1w_to_mni.h5", mni_mask=work / "mni_mask.nii.gz",
+            mni_t1w=work / "mni_t1w.nii.gz", gm_probseg=work / "gm_probseg.nii.gz",
+            wm_probseg=work / "wm_probseg.nii.gz", csf_probseg=work / "csf_probseg.nii.gz",
             out_timeseries=work / "out" / "ts.tsv", out_confounds=work / "out" / "confounds.tsv",
-            out_carpet=work / "out" / "carpet.png", tr_sidecar=TR, resolution=RESOLUTION, threads=THREADS,
+            out_carpet=work / "out" / "carpet.png", out_rois=work / "out" / "rois.png", tr_sidecar=TR,
+            resolution=RESOLUTION, threads=THREADS,
         )
         note = f"mean FD {out['mean_fd']:.3f} mm, {len(out['warnings'])} warning(s)"
     elif job in ("oneshot_atlas", "oneshot_full"):

@@ -1,5 +1,6 @@
 # Anatomical chain, one job per subject: skull-strip, N4, registration to the
-# template, MNI-space T1w and mask, encoder tensor, QC figures. Then a cohort table.
+# template, MNI-space T1w and mask, encoder tensor, tissue segmentation, QC figures.
+# Then a cohort table.
 
 
 rule anat_preprocess:
@@ -14,6 +15,11 @@ rule anat_preprocess:
         out_forward=anat_path(f"from-T1w_to-{SPACE}_mode-image_xfm.h5"),
         out_inverse=anat_path(f"from-{SPACE}_to-T1w_mode-image_xfm.h5"),
         out_tensor=anat_path(f"space-{SPACE}_res-{RES}_desc-encoder_T1w.npy"),
+        out_gm_probseg=anat_path(f"space-{SPACE}_res-{RES}_label-GM_probseg.nii.gz"),
+        out_wm_probseg=anat_path(f"space-{SPACE}_res-{RES}_label-WM_probseg.nii.gz"),
+        out_csf_probseg=anat_path(f"space-{SPACE}_res-{RES}_label-CSF_probseg.nii.gz"),
+        out_dseg=anat_path(f"space-{SPACE}_res-{RES}_dseg.nii.gz"),
+        dep_dseg_sidecar=anat_path(f"space-{SPACE}_res-{RES}_dseg.json"),
         out_qc_mask=report(figure_path("sub-{subject}_desc-brainmask_T1w.png"),
                            caption=caption("anat_brainmask"), category="Anatomical",
                            subcategory="{dataset}", labels={"subject": "{subject}", "figure": "brain mask"}),
@@ -21,6 +27,10 @@ rule anat_preprocess:
                                    caption=caption("anat_registration"), category="Anatomical",
                                    subcategory="{dataset}",
                                    labels={"subject": "{subject}", "figure": "registration"}),
+        out_qc_segmentation=report(figure_path(f"sub-{{subject}}_space-{SPACE}_desc-segmentation_T1w.png"),
+                                   caption=caption("anat_segmentation"), category="Anatomical",
+                                   subcategory="{dataset}",
+                                   labels={"subject": "{subject}", "figure": "tissue segmentation"}),
     params:
         step="bh_models.anat.preprocess:preprocess_anat",
         skullstrip_method=config["anat"]["skullstrip"],

@@ -1,5 +1,6 @@
 # Functional chain, one job per rest BOLD run: motion, coregistration, one-shot
-# resampling to MNI, Schaefer-400 parcellation, confound cleaning. Then a cohort table.
+# resampling to MNI, Schaefer-400 parcellation, fMRIPrep-style confounds, denoising
+# with the named strategy. Then a cohort table.
 
 
 rule func_preprocess:
@@ -9,13 +10,21 @@ rule func_preprocess:
         t1w_mask=rules.anat_preprocess.output.out_mask,
         t1w_to_mni=rules.anat_preprocess.output.out_forward,
         mni_mask=rules.anat_preprocess.output.out_mni_mask,
+        mni_t1w=rules.anat_preprocess.output.out_mni_t1w,
+        gm_probseg=rules.anat_preprocess.output.out_gm_probseg,
+        wm_probseg=rules.anat_preprocess.output.out_wm_probseg,
+        csf_probseg=rules.anat_preprocess.output.out_csf_probseg,
     output:
         out_timeseries=func_path(f"space-{SPACE}_{ATLAS.format(networks=NETWORKS)}_timeseries.tsv"),
         dep_sidecar=func_path(f"space-{SPACE}_{ATLAS.format(networks=NETWORKS)}_timeseries.json"),
         out_confounds=func_path("desc-confounds_timeseries.tsv"),
+        dep_confounds_sidecar=func_path("desc-confounds_timeseries.json"),
         out_carpet=report(f"{PREPROC}/{{dataset}}/sub-{{subject}}/figures/{{bold}}_desc-carpet_bold.png",
                           caption=caption("func_carpet"), category="Functional", subcategory="{dataset}",
                           labels={"run": "{bold}", "figure": "carpet and FD"}),
+        out_rois=report(f"{PREPROC}/{{dataset}}/sub-{{subject}}/figures/{{bold}}_desc-rois_bold.png",
+                        caption=caption("func_rois"), category="Functional", subcategory="{dataset}",
+                        labels={"run": "{bold}", "figure": "confound masks"}),
     params:
         step="bh_models.func.preprocess:preprocess_bold",
         tr_sidecar=lambda w: bold_entry(w)["tr"],
@@ -26,8 +35,11 @@ rule func_preprocess:
         detrend=config["func"]["detrend"],
         high_pass=config["func"]["high_pass"],
         low_pass=config["func"]["low_pass"],
-        motion_regressors=config["func"]["motion_regressors"],
-        fd_threshold=config["func"]["fd_threshold"],
+        denoise=config["func"]["denoise"],
+        gsr=config["func"]["gsr"],
+        fd_threshold=config["func"]["scrubbing"]["fd_threshold"],
+        std_dvars_threshold=config["func"]["scrubbing"]["std_dvars_threshold"],
+        min_segment=config["func"]["scrubbing"]["min_segment"],
         standardize=config["func"]["standardize"],
         seed=SEED,
     log:

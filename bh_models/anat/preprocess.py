@@ -14,9 +14,12 @@ Chain (each step in its own module):
 5. resampling: T1w (linear) and mask (nearest neighbour) onto the template
    grid at ``resolution`` mm; the encoder tensor (see below) straight from
    the native image, so every output is interpolated once;
-6. QC: Dice of the subject's MNI mask with the template mask, NCC of the MNI
-   T1w with the template inside the template mask, two PNG mosaics, and a
-   JSON sidecar with TIV, timings and provenance.
+6. tissue segmentation (:mod:`bh_models.anat.tissues`): GM, WM and CSF
+   posteriors and labels of the MNI-space T1w (Atropos with template priors),
+   on the grid the functional chain samples the BOLD on;
+7. QC: Dice of the subject's MNI mask with the template mask, NCC of the MNI
+   T1w with the template inside the template mask, tissue volumes, three PNG
+   mosaics, and a JSON sidecar with TIV, timings and provenance.
 
 All computations run on the closest-RAS copy of the image (a lossless
 permutation/flip of voxels), so RAS- and LPI-stored files go through the same
@@ -53,7 +56,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bh_models.anat.qc import plot_mask_contour, plot_registration
+from bh_models.anat.qc import plot_mask_contour, plot_registration, plot_segmentation
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.imagecheck import load_image, read_data, save_nifti
 from bh_models.core.jsonio import atomic_write_text, read_json, sidecar_path, write_json
@@ -64,6 +67,7 @@ from bh_models.anat.registration import (
     register_to_template,
 )
 from bh_models.anat.skullstrip import check_method, dice, skullstrip, tiv_ml
+from bh_models.anat.tissues import TISSUES, TissueMaps, segment_tissues
 from bh_models.core.templates import TEMPLATE_SPACE, load_template
 
 __desc__ = (
@@ -401,6 +405,37 @@ def _write_tensor(out_tensor: Path, tensor: np.ndarray, tensor_ref: nib.Nifti1Im
     })
 
 
+def _segment(mni: _MniImages, *, resolution: float, t1w: Path, out_probseg: dict[str, Path],
+             out_dseg: Path, out_qc_segmentation: Path) -> TissueMaps:
+    """6. GM/WM/CSF posteriors and labels of the MNI-space T1w, their images and the QC mosaic."""
+    tissues = segment_tissues(t1w=mni.t1w, mask=mni.mask_data, resolution=float(resolution))
+    affine = mni.template.affine
+    for name, path in out_probseg.items():
+        _save_template_image(Path(path), tissues.probseg[name], affine, np.float32)
+    _save_template_image(Path(out_dseg), tissues.dseg, affine, np.uint8)
+    write_json(sidecar_path(out_dseg), {
+        "Space": TEMPLATE_SPACE, "Resolution": float(resolution),
+        "Labels": {str(k + 1): name for k, name in enumerate(TISSUES)},
+        "Method": "ANTs Atropos with MNI152 tissue priors (bh_models.anat.tissues)",
+        "Sources": [Path(path).name for path in out_probseg.values()],
+    })
+    volumes = tissues.volumes_ml()
+    plot_segmentation(image=mni.t1w, probseg=tissues.probseg, mask=mni.mask_data,
+                      title=f"{_stem(t1w)}: tissues (WM cyan, CSF magenta, GM grey), GM {volumes['GM']:.0f} mL, "
+                            f"WM {volumes['WM']:.0f} mL, CSF {volumes['CSF']:.0f} mL",
+                      out_png=Path(out_qc_segmentation))
+    return tissues
+
+
+def _save_template_image(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type) -> None:
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.header.set_sform(affine, code=4)  # MNI
+    img.header.set_qform(affine, code=4)
+    img.header.set_xyzt_units("mm")
+    img.set_data_dtype(dtype)
+    save_nifti(path, img)
+
+
 def _write_qc(native: _ClosestRas, mask_data: np.ndarray, mni: _MniImages, *, t1w: Path, skullstrip_method: str,
               type_of_transform: str, out_qc_mask: Path, out_qc_registration: Path) -> tuple[float, float]:
     """6. Dice of the MNI mask with the template mask, NCC in the template mask, and the two PNG mosaics."""
@@ -422,8 +457,8 @@ def _write_sidecars(*, t1w: Path, out_t1w: Path, out_mni_t1w: Path, out_forward:
                     tiv: float, voxel_size: list[float], source: str, type_of_transform: str,
                     registration_resolution: float, resolution: float, grid: tuple[int, int, int],
                     tensor_spacing: float, seed: int, threads: int, mask_dice: float, ncc: float,
-                    timing: dict[str, float]) -> None:
-    """6. The native T1w's sidecar (TIV, QC values, timings, provenance) and the MNI T1w's."""
+                    tissue_volumes: dict[str, float], timing: dict[str, float]) -> None:
+    """7. The native T1w's sidecar (TIV, QC values, tissue volumes, timings, provenance) and the MNI T1w's."""
     warnings = []
     if mask_dice < 0.9:
         warnings.append(f"Dice of the MNI brain mask with the template mask is {mask_dice:.3f} (< 0.9): "
@@ -448,6 +483,8 @@ def _write_sidecars(*, t1w: Path, out_t1w: Path, out_mni_t1w: Path, out_forward:
         "ITKThreads": ITK_THREADS,
         "DiceMNIMaskVsTemplate": round(mask_dice, 6),
         "NCCMNIT1wVsTemplate": round(ncc, 6),
+        # Sums of the posteriors in MNI space (the template's volume, not the subject's).
+        "TissueVolumesMNI_mL": {name: round(volume, 3) for name, volume in tissue_volumes.items()},
         "Timing": timing,
         "warnings": warnings,
     })
@@ -468,6 +505,11 @@ def preprocess_anat(
     out_tensor: Path,
     out_qc_mask: Path,
     out_qc_registration: Path,
+    out_gm_probseg: Path,
+    out_wm_probseg: Path,
+    out_csf_probseg: Path,
+    out_dseg: Path,
+    out_qc_segmentation: Path,
     skullstrip_method: str = "deepbet",
     type_of_transform: str = "SyN",
     resolution: float = 2,
@@ -500,6 +542,15 @@ def preprocess_anat(
     out_qc_mask, out_qc_registration : Path
         Written: PNG mosaics (mask contour on the native T1w; template edges on
         the MNI T1w).
+    out_gm_probseg, out_wm_probseg, out_csf_probseg : Path
+        Written: tissue posteriors of the MNI T1w on the template grid at
+        ``resolution`` mm (float32, 0 outside the brain mask;
+        ``*_label-{GM,WM,CSF}_probseg.nii.gz``), see :mod:`bh_models.anat.tissues`.
+    out_dseg : Path
+        Written: maximum-posterior labels (uint8; 1 GM, 2 WM, 3 CSF) on the
+        same grid, plus a JSON sidecar naming the labels.
+    out_qc_segmentation : Path
+        Written: PNG mosaic of the tissue boundaries on the MNI T1w.
     skullstrip_method : str
         ``"deepbet"`` or ``"ants"`` (:mod:`bh_models.anat.skullstrip`).
     type_of_transform : str
@@ -520,7 +571,8 @@ def preprocess_anat(
     Returns
     -------
     dict
-        ``tiv_ml``, ``dice``, ``ncc``, ``seconds``, ``skullstrip_method``.
+        ``tiv_ml``, ``dice``, ``ncc``, ``seconds``, ``skullstrip_method``,
+        ``tissue_volumes_ml`` (GM, WM, CSF in MNI space).
 
     Raises
     ------
@@ -556,6 +608,10 @@ def preprocess_anat(
     _write_tensor(out_tensor, tensor, tensor_ref, brain_voxels=brain_voxels, grid=grid, out_t1w=out_t1w,
                   out_forward=out_forward)
     laps.lap("resample")
+    tissues = _segment(mni, resolution=resolution, t1w=t1w,
+                       out_probseg={"GM": out_gm_probseg, "WM": out_wm_probseg, "CSF": out_csf_probseg},
+                       out_dseg=out_dseg, out_qc_segmentation=out_qc_segmentation)
+    laps.lap("segmentation")
     mask_dice, ncc = _write_qc(native, mask_data, mni, t1w=t1w, skullstrip_method=skullstrip_method,
                                type_of_transform=type_of_transform, out_qc_mask=out_qc_mask,
                                out_qc_registration=out_qc_registration)
@@ -567,13 +623,15 @@ def preprocess_anat(
                     voxel_size=[float(z) for z in nib.affines.voxel_sizes(native.img.affine)], source=source,
                     type_of_transform=type_of_transform, registration_resolution=registration_resolution,
                     resolution=resolution, grid=grid, tensor_spacing=float(tensor_ref.affine[0, 0]), seed=seed,
-                    threads=threads, mask_dice=mask_dice, ncc=ncc, timing=laps.timing)
+                    threads=threads, mask_dice=mask_dice, ncc=ncc, tissue_volumes=tissues.volumes_ml(),
+                    timing=laps.timing)
     log.info("anat %s: TIV %.0f mL, Dice %.3f, NCC %.3f, %.1f s", t1w.name, tiv, mask_dice, ncc, seconds)
     return {"tiv_ml": tiv, "dice": mask_dice, "ncc": ncc, "seconds": seconds,
-            "skullstrip_method": skullstrip_method}
+            "skullstrip_method": skullstrip_method, "tissue_volumes_ml": tissues.volumes_ml()}
 
 
-QC_COLUMNS = ("DiceMNIMaskVsTemplate", "NCCMNIT1wVsTemplate", "TIV_mL", "seconds", "SkullStripMethod")
+QC_COLUMNS = ("DiceMNIMaskVsTemplate", "NCCMNIT1wVsTemplate", "TIV_mL", "GM_mL", "WM_mL", "CSF_mL", "seconds",
+              "SkullStripMethod")
 _SUBJECT = re.compile(r"sub-([A-Za-z0-9]+)")
 
 
@@ -596,8 +654,8 @@ def anat_qc_table(*, sidecars: list[Path], out_table: Path, threads: int = 1) ->
     out_table : Path
         Written: TSV sorted by ``file`` (the sidecar's name) with ``subject``,
         ``dataset`` (the folder above ``sub-<label>/``, empty when the path has
-        none), Dice, NCC, TIV (mL), total seconds, skull-strip method and
-        ``n_warnings``.
+        none), Dice, NCC, TIV (mL), GM, WM and CSF volumes (mL, MNI space), total
+        seconds, skull-strip method and ``n_warnings``.
     threads : int
         Unused (the runner passes it to every step).
 
@@ -619,6 +677,7 @@ def anat_qc_table(*, sidecars: list[Path], out_table: Path, threads: int = 1) ->
             "DiceMNIMaskVsTemplate": meta.get("DiceMNIMaskVsTemplate"),
             "NCCMNIT1wVsTemplate": meta.get("NCCMNIT1wVsTemplate"),
             "TIV_mL": meta.get("TIV_mL"),
+            **{f"{name}_mL": (meta.get("TissueVolumesMNI_mL") or {}).get(name) for name in TISSUES},
             "seconds": (meta.get("Timing") or {}).get("total"),
             "SkullStripMethod": meta.get("SkullStripMethod"),
             "n_warnings": len(meta.get("warnings", [])),

@@ -6,9 +6,10 @@ paper's protocol (pretrain on some cohorts, evaluate on another)::
     out_dir/siteA/            pretraining site, 6 subjects, TR 0.735 s, 160 volumes per run
     out_dir/siteB/            pretraining site, 6 subjects, TR 2.0 s, 100 volumes per run
     out_dir/siteC/            downstream site, 16 subjects, TR 1.5 s, 100 volumes per run
-    out_dir/ground_truth/<site>/subjects.tsv                       latents + affine
-    out_dir/ground_truth/<site>/<bold stem>_timeseries.tsv        true parcel series
+    out_dir/ground_truth/<site>/subjects.tsv                       latents, affine, noise amplitudes, tissue volumes
+    out_dir/ground_truth/<site>/<bold stem>_timeseries.tsv        true (clean, neural) parcel series
     out_dir/ground_truth/<site>/<bold stem>_motion.tsv            true head motion
+    out_dir/ground_truth/<site>/<bold stem>_noise.tsv             true physiological sources and scanner drift
 
 where ``<bold stem>`` is the BOLD file name without ``_bold.nii.gz`` (e.g.
 ``sub-01_task-rest_run-1``), so a run's truth is found from its path.
@@ -32,6 +33,12 @@ Subject latents (``ground_truth/<site>/subjects.tsv``)
     * Head pose: MNI -> scanner affine ``A = [R(rx, ry, rz) diag(s) | t]`` with
       rotations U(-10, 10) degrees, scalings U(0.95, 1.05), translations
       U(-10, 10) mm, written as ``affine_<row><col>`` (rows 0-2, row-major).
+    * Noise (drawn after everything above, so the latents above keep their
+      earlier values): ``motion_level`` ~ exp(0.7 N(0, 1)) clipped to
+      [0.25, 4] (how much the subject moves), ``physio_pct`` ~ U(1, 2),
+      ``drift_pct`` ~ U(1, 3); ``spin_history_pct_per_mm`` is the population
+      constant. ``gm_ml``, ``wm_ml``, ``csf_ml``: true tissue volumes in MNI
+      space inside the template brain mask (:func:`tissue_truth`).
 
 True parcel series (Schaefer-400, 7 networks; ``<stem>_timeseries.tsv``)
     White noise at the site TR, band-passed to 0.01-0.1 Hz in the Fourier
@@ -67,6 +74,29 @@ BOLD
     first order, ``I(x - u) = I(x) - grad I . u`` (exact to well below the noise
     at these amplitudes). Gaussian noise of 1.5 % of the mean brain baseline is
     added inside the head; the background stays zero to keep the files small.
+
+Noise worth removing (known amplitudes; the clean neural series stay outside the BIDS folders)
+    * Jerky motion: besides the smooth drift (largest displacement
+      U(0.1, 0.3) mm), brief head jerks of 1-3 frames that return, Poisson with
+      rate ``JERK_RATE x motion_level`` per frame, each Exp(``JERK_MM x
+      motion_level``) mm (at most 1.5 mm) in a random rigid direction; every
+      voxel moves at most 2 mm. Mean FD ranges from ~0.03 to ~0.2 mm over the
+      demo.
+    * Spin-history artefact: each voxel loses ``spin_history_pct_per_mm`` % of
+      its signal per mm of its own frame-to-frame displacement, weighted by
+      ``exp(-depth / 10 mm)`` inside the brain (1 at and outside its edge), in
+      that frame and half, then a quarter, of it in the next two: it scales with
+      FD, is strongest at the brain's edge, and, through the rotations, varies
+      smoothly in space (nearby parcels share it).
+    * Physiology: three unit-variance sources band-limited to 0.01-0.2 Hz
+      (capped below Nyquist), written to ``<stem>_noise.tsv``; each loads
+      ``physio_pct`` % x (CSF, WM, GM) = (1.0, 0.3, 0.3), (0.4, 1.0, 0.3),
+      (0.7, 0.6, 0.3) of the local tissue fractions, times a smooth spatial
+      modulation ``1 + 0.5 cos`` along one MNI axis per source: shared by WM and
+      CSF, leaking into GM; three sources, so the mean WM and CSF signals cannot
+      span them all.
+    * Scanner drift: a random linear + quadratic trend of ``drift_pct`` % at its
+      largest, 50 % stronger 80 mm along a random direction.
     RepetitionTime is in the top-level ``task-rest_bold.json`` (BIDS
     inheritance; run sidecars do not repeat it) and in the NIfTI header
     (pixdim[4], units seconds).
@@ -113,7 +143,10 @@ __desc__ = (
     "and 2.0 s) and a downstream site (TR 1.5 s) whose T1w images are the MNI152NLin2009cAsym brain inside a "
     "synthetic head under a random per-subject affine, bias field and Rician "
     "noise, and whose rest BOLD runs carry band-passed (0.01-0.1 Hz) "
-    "Schaefer-400 parcel time series with HCP group connectivity; diagnosis "
+    "Schaefer-400 parcel time series with HCP group connectivity, plus head jerks whose rate and size vary "
+    "between subjects, spin-history signal loss scaling with each voxel's displacement and strongest at the "
+    "brain's edge, three physiological sources shared by white matter and CSF and leaking into grey matter, "
+    "and slow scanner drift; diagnosis "
     "changes Default-network coupling and amplitude and ventricle size, and a "
     "continuous score drives Somatomotor amplitude and grey-matter contrast."
 )
@@ -123,7 +156,7 @@ TASK = "rest"
 NETWORKS = 7
 PERCENT_PER_UNIT = 2.0        # BOLD percent signal change of a unit-variance parcel series
 BAND_HZ = (0.01, 0.1)         # resting-state band of the true series
-MOTION_MAX_MM = 0.3           # ceiling of any voxel's displacement in any volume
+MOTION_MAX_MM = 0.3           # ceiling of the smooth (slow) head drift, any voxel, any volume
 BOLD_NOISE = 0.015            # noise sd as a fraction of the mean brain baseline
 T1_NOISE = 0.02               # Rician sigma as a fraction of white matter intensity
 BOLD_VOXEL_MM = 4.0           # coarse on purpose: small files, fast downstream demo
@@ -146,6 +179,23 @@ HEAD_PROFILE_T1 = (
 # EPI: bright CSF shell; bone and fat-suppressed scalp give no signal.
 HEAD_PROFILE_EPI = ((0.0, 1.6), (2.2, 1.6), (2.8, 0.0))
 EPI_TISSUE_WEIGHTS = {"wm": 0.75, "gm": 1.0, "csf": 1.6}
+
+# Noise worth removing (issue 21). Per-subject amplitudes are drawn with the
+# latents and written to ground_truth/<site>/subjects.tsv; these are the
+# population constants.
+JERK_RATE = 0.05              # abrupt head movements per frame at motion_level 1 (Poisson)
+JERK_MM = 0.5                 # mean size (mm, largest voxel displacement) of a jerk at motion_level 1
+JERK_MAX_MM = 1.5             # no single jerk is larger
+DISPLACEMENT_MAX_MM = 2.0     # ceiling of any voxel's displacement, drift and jerks together
+SPIN_HISTORY_PCT_PER_MM = 10.0    # signal loss (% of baseline) per mm of a voxel's own frame-to-frame move, at the edge
+SPIN_HISTORY_KERNEL = (1.0, 0.5, 0.25)   # the loss in that frame and its recovery over the next two
+EDGE_DEPTH_MM = 10.0          # spin-history gain exp(-depth / EDGE_DEPTH_MM) inside the brain, 1 outside it
+CSF_SHELL_MM = 2.5            # CSF between brain and skull: the first 2.5 mm outside the brain (T1 and EPI shells)
+PHYSIO_BAND_HZ = (0.01, 0.2)  # band of the physiological sources (capped at 0.9 x Nyquist)
+#: (CSF, WM, GM) loading of each physiological source: shared by WM and CSF, leaking into GM.
+PHYSIO_LOADINGS = ((1.0, 0.3, 0.3), (0.4, 1.0, 0.3), (0.7, 0.6, 0.3))
+PHYSIO_WAVELENGTH_MM = 150.0  # smooth spatial modulation 1 + 0.5 cos(2 pi x.d_k / wavelength + phase_k) per source
+DRIFT_GRADIENT = 0.5          # scanner drift varies by +-50 % across 80 mm along a random direction
 
 
 @dataclass(frozen=True)
@@ -197,6 +247,9 @@ class SubjectLatents:
     scaling: tuple[float, float, float]
     translation_mm: tuple[float, float, float]
     n_runs: int
+    motion_level: float = 1.0       # scales the rate and size of head jerks (lognormal across subjects)
+    physio_pct: float = 0.0         # % of baseline of each physiological source in CSF (loading 1)
+    drift_pct: float = 0.0          # % of baseline of the slow scanner drift at its largest
 
     def mni_to_scanner(self) -> np.ndarray:
         """4x4 affine from MNI world (mm) to this subject's scanner world (mm)."""
@@ -216,6 +269,7 @@ class SubjectLatents:
             row[f"scaling_{axis}"] = scale
             row[f"translation_{axis}_mm"] = shift
         row["has_bold"] = self.n_runs > 0
+        row["spin_history_pct_per_mm"] = SPIN_HISTORY_PCT_PER_MM
         affine = self.mni_to_scanner()
         for r in range(3):
             for c in range(4):
@@ -241,6 +295,8 @@ class _Reference:
     head_surface_points: np.ndarray   # (P, 4) i, j, k, head_distance where any head's surface can lie
     epi_surface_points: np.ndarray    # (Q, 3) i, j, k around the surface of the EPI signal
     epi: np.ndarray             # EPI-like baseline, float32
+    csf: np.ndarray             # CSF fraction: 1 - GM - WM in the brain, the CSF shell outside, float32
+    edge_gain: np.ndarray       # spin-history gain exp(-depth / EDGE_DEPTH_MM) in the brain, 1 outside, float32
     labels: np.ndarray          # Schaefer-400 labels on the template grid, int16
     ventricle_box: tuple[slice, slice, slice]
     ventricle_distance: np.ndarray  # mm to the template ventricles, inside the box
@@ -298,10 +354,12 @@ def _distance_outside(mask: np.ndarray, *, inside: bool = False) -> np.ndarray:
 
 
 def _lateral_ventricles(
-    *, t1: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray, affine: np.ndarray
+    *, t1: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray, affine: np.ndarray, depth: np.ndarray
 ) -> np.ndarray:
-    """The template's two lateral ventricles: the largest deep CSF components off the midline."""
-    depth = _distance_outside(brain, inside=True)
+    """The template's two lateral ventricles: the largest deep CSF components off the midline.
+
+    ``depth`` is the distance (mm) of each brain voxel to the outside of the brain.
+    """
     dark = brain & (t1 < 0.4) & (depth > 12) & (gm < 0.3) & (wm < 0.3)
     components, n_components = ndimage.label(dark)
     x_world = affine[0, 0] * np.arange(brain.shape[0]) + affine[0, 3]
@@ -340,7 +398,8 @@ def _reference() -> _Reference:
     head_distance = head_distance.astype(np.float32)
     shell_index = np.flatnonzero(~brain & (head_distance < HEAD_PROFILE_T1[-1][0] * MAX_HEAD_SCALE))
 
-    ventricles = _lateral_ventricles(t1=t1, brain=brain, gm=gm, wm=wm, affine=affine)
+    depth = _distance_outside(brain, inside=True)     # mm to the outside of the brain
+    ventricles = _lateral_ventricles(t1=t1, brain=brain, gm=gm, wm=wm, affine=affine, depth=depth)
     where = np.argwhere(ventricles)
     lo = np.maximum(where.min(0) - 12, 0)
     hi = np.minimum(where.max(0) + 13, brain.shape)
@@ -361,6 +420,9 @@ def _reference() -> _Reference:
     epi = np.where(brain, epi_inside, _interp_profile(head_distance, HEAD_PROFILE_EPI))
     epi = ndimage.gaussian_filter(epi.astype(np.float32), sigma=1.2)  # EPI point-spread: blurred contrast
 
+    csf_all = np.where(brain, csf, head_distance < CSF_SHELL_MM).astype(np.float32)
+    edge_gain = np.where(brain, np.exp(-depth / EDGE_DEPTH_MM), 1.0).astype(np.float32)
+
     epi_surface = (epi > 0.02) & ~brain
     names = tuple(atlas_labels(NETWORKS)["name"].astype(str))
     return _Reference(
@@ -375,6 +437,8 @@ def _reference() -> _Reference:
         head_surface_points=np.column_stack([band_ijk, band_distance]),
         epi_surface_points=_lattice_points(epi_surface),
         epi=epi,
+        csf=csf_all,
+        edge_gain=edge_gain,
         labels=labels,
         ventricle_box=box,
         ventricle_distance=ventricle_distance,
@@ -418,6 +482,10 @@ def _draw_latents(
         scaling=tuple(float(v) for v in rng.uniform(0.95, 1.05, 3)),
         translation_mm=tuple(float(v) for v in rng.uniform(-10, 10, 3)),
         n_runs=n_runs,
+        # Drawn last, so every latent above keeps the value earlier versions drew.
+        motion_level=float(np.clip(np.exp(0.7 * rng.standard_normal()), 0.25, 4.0)),
+        physio_pct=float(rng.uniform(1.0, 2.0)),
+        drift_pct=float(rng.uniform(1.0, 3.0)),
     )
 
 
@@ -425,13 +493,14 @@ def _draw_latents(
 
 
 def _band_limited_noise(
-    *, rng: np.random.Generator, n_volumes: int, repetition_time: float, n_series: int
+    *, rng: np.random.Generator, n_volumes: int, repetition_time: float, n_series: int,
+    band_hz: tuple[float, float] = BAND_HZ,
 ) -> np.ndarray:
-    """(n_volumes, n_series) unit-variance noise with a resting-state BOLD spectrum."""
+    """(n_volumes, n_series) unit-variance noise with a band-limited spectrum (default: resting-state BOLD)."""
     n_fft = 1 << math.ceil(math.log2(4 * n_volumes))  # periodic realisation 4x longer, then crop
     white = rng.standard_normal((n_fft, n_series))
     freq = np.fft.rfftfreq(n_fft, d=repetition_time)
-    low, high = BAND_HZ
+    low, high = band_hz
     with np.errstate(divide="ignore"):
         high_pass = 1 / np.sqrt(1 + (low / freq) ** 4)   # 2nd-order Butterworth magnitudes
     low_pass = 1 / np.sqrt(1 + (freq / high) ** 4)
@@ -492,6 +561,53 @@ def _subject_epi_in_mni(ref: _Reference, latents: SubjectLatents) -> np.ndarray:
     box = ref.ventricle_box
     epi[box] = epi[box] * (1 - weight) + EPI_TISSUE_WEIGHTS["csf"] * weight
     return epi
+
+
+def _subject_tissues_in_mni(ref: _Reference, latents: SubjectLatents, *, csf_outside: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GM, WM, CSF) fractions of the subject on the 1 mm template grid, float32.
+
+    The template's GM and WM inside its brain mask, CSF the rest of the brain
+    plus ``csf_outside`` (the CSF shell between brain and skull); the subject's
+    dilated ventricles turn tissue into CSF as in its T1w and EPI.
+    """
+    gm = np.where(ref.brain, ref.gm, 0).astype(np.float32)
+    wm = np.where(ref.brain, ref.wm, 0).astype(np.float32)
+    csf = np.where(ref.brain, np.clip(1 - ref.gm - ref.wm, 0, 1), csf_outside).astype(np.float32)
+    box = ref.ventricle_box
+    weight = _ventricle_weight(ref, latents) * ref.brain[box]
+    gm[box] *= 1 - weight
+    wm[box] *= 1 - weight
+    csf[box] = csf[box] * (1 - weight) + weight
+    return gm, wm, csf
+
+
+def tissue_truth(latents: SubjectLatents) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The subject's true tissue fractions in MNI space, as its T1w was drawn.
+
+    Returns
+    -------
+    maps : dict
+        ``"GM"``, ``"WM"``, ``"CSF"``: (X, Y, Z) float32 fractions on the 1 mm
+        template grid (nilearn's MNI152 tissue maps inside the template brain,
+        with this subject's ventricle dilation; CSF also fills the
+        :data:`CSF_SHELL_MM` shell between brain and skull, scaled like the
+        subject's head, which a brain mask may include).
+    affine : np.ndarray
+        (4, 4) template voxel -> MNI mm.
+    """
+    ref = _reference()
+    shell = ~ref.brain & (ref.head_distance / np.float32(latents.head_thickness_scale) < CSF_SHELL_MM)
+    gm, wm, csf = _subject_tissues_in_mni(ref, latents, csf_outside=shell)
+    return {"GM": gm, "WM": wm, "CSF": csf}, ref.affine.copy()
+
+
+def _tissue_volumes_ml(latents: SubjectLatents) -> dict[str, float]:
+    """True GM, WM and CSF volumes (mL, MNI space) inside the template brain mask (no CSF shell)."""
+    ref = _reference()
+    maps, _ = tissue_truth(latents)
+    return {f"{name.lower()}_ml": round(float(maps[name][ref.brain].sum(dtype=np.float64)) / 1000.0, 3)
+            for name in ("GM", "WM", "CSF")}
 
 
 def _scanner_grid(
@@ -589,6 +705,22 @@ class _BoldGeometry:
     parcel_weights: sparse.csr_matrix  # (S, 400) baseline x parcel fraction / 100
     motion_basis: np.ndarray    # (S, 6) dI / d(tau_xyz, omega_xyz), first order
     corners: np.ndarray         # (8, 3) scanner mm of the field-of-view corners
+    centres: np.ndarray         # (S, 3) scanner mm of the support voxels
+    physio_weights: np.ndarray  # (S, K) baseline x loading x spatial modulation of each physiological source
+    edge_weights: np.ndarray    # (S,) baseline x spin-history gain
+
+
+def _physio_modulation(mni_mm: np.ndarray) -> np.ndarray:
+    """(N, K) smooth spatial modulation of each physiological source at MNI points (N, 3).
+
+    ``1 + 0.5 cos(2 pi x.d_k / wavelength + phase_k)`` with source k varying
+    along MNI axis k: a fixed population pattern, so the sources differ in space
+    and the WM and CSF means cannot stand in for all of them.
+    """
+    phases = (0.3, 1.7, 2.9)
+    columns = [1 + 0.5 * np.cos(2 * np.pi * mni_mm[:, k % 3] / PHYSIO_WAVELENGTH_MM + phases[k % 3])
+               for k in range(len(PHYSIO_LOADINGS))]
+    return np.stack(columns, axis=1)
 
 
 def _bold_geometry(*, ref: _Reference, latents: SubjectLatents) -> _BoldGeometry:
@@ -608,6 +740,9 @@ def _bold_geometry(*, ref: _Reference, latents: SubjectLatents) -> _BoldGeometry
     strides = np.array([labels.shape[1] * labels.shape[2], labels.shape[2], 1])
     upper = np.array(labels.shape) - 1
     labels = labels.ravel()
+    # Tissue fractions as the EPI sees them (CSF shell of the EPI profile) and the spin-history gain.
+    tissues = [np.pad(t, 1).ravel() for t in _subject_tissues_in_mni(ref, latents, csf_outside=ref.csf)]
+    edge_gain = np.pad(ref.edge_gain, 1).ravel()
     head_distance = np.pad(ref.head_distance, 1, constant_values=np.inf).ravel()
     centres_in_template = centres @ to_template[:3, :3].T + to_template[:3, 3] + 1   # (N, 3), +1: pad
 
@@ -621,6 +756,8 @@ def _bold_geometry(*, ref: _Reference, latents: SubjectLatents) -> _BoldGeometry
     candidate = np.flatnonzero(head_distance[nearest(centres_in_template)] < reach)
     centres_in_template = centres_in_template[candidate]
     base = np.zeros(candidate.size)
+    tissue_base = np.zeros((candidate.size, 3))     # baseline-weighted GM, WM, CSF fractions
+    edge = np.zeros(candidate.size)
     rows, cols, vals = [], [], []
     # Box point-spread function: n^3 sub-samples 1 mm apart, centred in the voxel.
     n_sub = max(1, int(round(BOLD_VOXEL_MM / T1_VOXEL_MM)))
@@ -630,6 +767,9 @@ def _bold_geometry(*, ref: _Reference, latents: SubjectLatents) -> _BoldGeometry
         flat = nearest(centres_in_template + to_template[:3, :3] @ offset)
         value = epi[flat] / len(offsets)
         base += value
+        for k, tissue in enumerate(tissues):
+            tissue_base[:, k] += value * tissue[flat]
+        edge += value * edge_gain[flat]
         label = labels[flat]
         voxel = np.flatnonzero(label)
         rows.append(voxel)
@@ -648,6 +788,10 @@ def _bold_geometry(*, ref: _Reference, latents: SubjectLatents) -> _BoldGeometry
     gradient = gradient.reshape(-1, 3, order="F")[support]                       # (S, 3)
     motion_basis = -np.concatenate([gradient, np.cross(centres[support], gradient)], axis=1)
     corner_ijk = np.stack(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    # Loadings of the physiological sources: (GM, WM, CSF) weights, then a smooth spatial modulation.
+    loadings = np.array([[gm, wm, csf] for csf, wm, gm in PHYSIO_LOADINGS])        # (K, 3) in GM, WM, CSF order
+    mni_centres = nib.affines.apply_affine(np.linalg.inv(to_scanner), centres[support])
+    physio_weights = (tissue_base[keep] @ loadings.T) * _physio_modulation(mni_centres)   # (S, K)
     return _BoldGeometry(
         affine=affine,
         shape=shape,
@@ -656,29 +800,138 @@ def _bold_geometry(*, ref: _Reference, latents: SubjectLatents) -> _BoldGeometry
         parcel_weights=parcel_weights[keep],
         motion_basis=motion_basis.astype(np.float32),
         corners=nib.affines.apply_affine(affine, corner_ijk),
+        centres=centres[support].astype(np.float32),
+        physio_weights=physio_weights.astype(np.float32),
+        edge_weights=edge[keep].astype(np.float32),
     )
 
 
-def _motion(*, rng: np.random.Generator, n_volumes: int, corners: np.ndarray) -> np.ndarray:
-    """(T, 6) smooth rigid motion (tau mm, omega rad), max displacement <= MOTION_MAX_MM."""
+def _peak_displacement(params: np.ndarray, corners: np.ndarray) -> float:
+    """Largest displacement (mm) of any field-of-view point in any volume of (T, 6) rigid motion."""
+    # |u| is convex in x, so its maximum over the field of view sits at a corner.
+    displacement = params[:, None, :3] + np.cross(params[:, None, 3:], corners[None])   # (T, 8, 3)
+    return float(np.linalg.norm(displacement, axis=-1).max())
+
+
+def _motion(*, rng: np.random.Generator, n_volumes: int, corners: np.ndarray,
+            jerk_rng: np.random.Generator | None = None, motion_level: float = 1.0) -> np.ndarray:
+    """(T, 6) rigid motion (tau mm, omega rad): a smooth drift, plus jerks when ``jerk_rng`` is given.
+
+    The drift's largest displacement is U(0.1, :data:`MOTION_MAX_MM`) mm. Jerks
+    (Poisson, :data:`JERK_RATE` x ``motion_level`` per frame) are brief
+    displacements of 1-3 frames that return, each of size ~ Exp(:data:`JERK_MM` x
+    ``motion_level``) mm (at most :data:`JERK_MAX_MM`) in a random rigid
+    direction; they are scaled down together if drift and jerks would move a
+    voxel more than :data:`DISPLACEMENT_MAX_MM`.
+    """
     steps = rng.standard_normal((n_volumes, 6)) * np.array([1, 1, 1, 0.01, 0.01, 0.01])
     params = ndimage.gaussian_filter1d(np.cumsum(steps, axis=0), sigma=2.0, axis=0)
     params -= params[0]                                  # first volume is the reference pose
-    # |u| is convex in x, so its maximum over the field of view sits at a corner.
-    displacement = params[:, None, :3] + np.cross(params[:, None, 3:], corners[None])   # (T, 8, 3)
-    peak = float(np.linalg.norm(displacement, axis=-1).max())
+    peak = _peak_displacement(params, corners)
     target = rng.uniform(0.1, MOTION_MAX_MM)
-    return params * (target / peak) if peak > 0 else params
+    params = params * (target / peak) if peak > 0 else params
+    if jerk_rng is None:
+        return params
+    jerks = np.zeros_like(params)
+    for _ in range(int(jerk_rng.poisson(JERK_RATE * motion_level * n_volumes))):
+        onset = int(jerk_rng.integers(1, n_volumes))     # never the reference volume
+        duration = int(jerk_rng.integers(1, 4))
+        size = min(float(jerk_rng.exponential(JERK_MM * motion_level)), JERK_MAX_MM)
+        direction = jerk_rng.standard_normal(6) * np.array([1, 1, 1, 0.02, 0.02, 0.02])
+        reach = _peak_displacement(direction[None], corners)
+        jerks[onset:onset + duration] += direction * (size / reach)
+    total = params + jerks
+    if _peak_displacement(total, corners) > DISPLACEMENT_MAX_MM:
+        # Shrink the jerks until drift + jerks fit (bisection: |u| is not linear in the scale).
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _peak_displacement(params + mid * jerks, corners) <= DISPLACEMENT_MAX_MM else (lo, mid)
+        total = params + lo * jerks
+    return total
+
+
+def _spin_history(*, motion: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(S, T) spin-history drive: each voxel's own frame-to-frame displacement (mm), with recovery.
+
+    ``|u(x, t) - u(x, t - 1)|`` for the first-order rigid motion
+    ``u = tau + omega x x`` (0 for the first frame), convolved in time with
+    :data:`SPIN_HISTORY_KERNEL`. ``|d tau + W x|^2`` (``W`` the cross-product
+    matrix of ``d omega``) is a quadratic in ``x``: one (S, 10) x (10, T)
+    product instead of an (S, T, 3) array.
+    """
+    delta = np.diff(motion, axis=0, prepend=motion[:1]).astype(np.float64)          # (T, 6)
+    d_tau, d_omega = delta[:, :3], delta[:, 3:]
+    cross = np.zeros((len(delta), 3, 3))                                            # (T, 3, 3): W x = d_omega x x
+    cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -d_omega[:, 2], d_omega[:, 1], -d_omega[:, 0]
+    cross -= cross.transpose(0, 2, 1)
+    quad = cross.transpose(0, 2, 1) @ cross                                         # (T, 3, 3) W^T W
+    lin = 2 * np.einsum("tji,tj->ti", cross, d_tau)                                 # (T, 3) 2 W^T d_tau
+    x = np.asarray(centres, dtype=np.float64)                                       # (S, 3)
+    features = np.column_stack([x[:, 0]**2, x[:, 1]**2, x[:, 2]**2, 2 * x[:, 0] * x[:, 1],
+                                2 * x[:, 0] * x[:, 2], 2 * x[:, 1] * x[:, 2], x, np.ones(len(x))])   # (S, 10)
+    coefficients = np.column_stack([quad[:, 0, 0], quad[:, 1, 1], quad[:, 2, 2], quad[:, 0, 1], quad[:, 0, 2],
+                                    quad[:, 1, 2], lin, (d_tau**2).sum(axis=1)])                    # (T, 10)
+    step = np.sqrt(np.clip(features @ coefficients.T, 0.0, None)).astype(np.float32)   # (S, T)
+    drive = np.zeros_like(step)
+    for lag, weight in enumerate(SPIN_HISTORY_KERNEL):
+        drive[:, lag:] += np.float32(weight) * step[:, :step.shape[1] - lag]
+    return drive
+
+
+def _drift(*, rng: np.random.Generator, n_volumes: int, centres: np.ndarray, drift_pct: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Slow scanner drift: (S, T) fraction of the baseline, and its (T,) course in % at the centre.
+
+    A random mix of a linear and a quadratic (Legendre) trend, scaled to
+    ``drift_pct`` % at its largest, growing by :data:`DRIFT_GRADIENT` per 80 mm
+    along a random direction.
+    """
+    time = np.linspace(-1, 1, n_volumes)
+    a, b = rng.standard_normal(2)
+    course = a * time + b * (1.5 * time**2 - 0.5)
+    course = course / max(float(np.abs(course).max()), 1e-12) * drift_pct          # (T,) %
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    gain = 1 + DRIFT_GRADIENT * ((centres - centres.mean(axis=0)) @ direction) / 80.0   # (S,)
+    return np.outer(gain, course / 100.0).astype(np.float32), course
 
 
 def _synthesize_bold(
-    *, geometry: _BoldGeometry, series_pct: np.ndarray, site: SiteSpec, rng: np.random.Generator
-) -> tuple[nib.Nifti1Image, np.ndarray]:
+    *, geometry: _BoldGeometry, series_pct: np.ndarray, site: SiteSpec, rng: np.random.Generator,
+    latents: SubjectLatents | None = None, noise_rng: np.random.Generator | None = None,
+) -> tuple[nib.Nifti1Image, np.ndarray, pd.DataFrame]:
+    """The BOLD run (int16 NIfTI), its true motion (T, 6) and its true nuisance courses.
+
+    With ``latents`` and ``noise_rng`` the run also carries the noise worth
+    removing (module docstring): jerky motion, spin-history artifacts,
+    physiological signals and scanner drift; without them, the clean run of
+    earlier versions (smooth motion and thermal noise only).
+    """
     n_volumes = series_pct.shape[0]
-    motion = _motion(rng=rng, n_volumes=n_volumes, corners=geometry.corners)
+    noisy = latents is not None and noise_rng is not None
+    motion = _motion(rng=rng, n_volumes=n_volumes, corners=geometry.corners,
+                     jerk_rng=noise_rng if noisy else None,
+                     motion_level=latents.motion_level if noisy else 1.0)
     # Built as (S, T): the sparse product comes out C-ordered that way.
     series = np.ascontiguousarray(series_pct.T, dtype=np.float32)                   # (400, T)
     volumes = geometry.parcel_weights @ series                                     # (S, T)
+    nuisance = pd.DataFrame(index=range(n_volumes))
+    if noisy:
+        physio = _band_limited_noise(
+            rng=noise_rng, n_volumes=n_volumes, repetition_time=site.repetition_time,
+            n_series=len(PHYSIO_LOADINGS),
+            band_hz=(PHYSIO_BAND_HZ[0], min(PHYSIO_BAND_HZ[1], 0.9 * 0.5 / site.repetition_time)),
+        )                                                                          # (T, K) unit variance
+        volumes += (geometry.physio_weights * np.float32(latents.physio_pct / 100.0)) @ physio.T.astype(np.float32)
+        drift, course = _drift(rng=noise_rng, n_volumes=n_volumes, centres=geometry.centres,
+                               drift_pct=latents.drift_pct)
+        volumes += geometry.base[:, None] * drift
+        spin = _spin_history(motion=motion, centres=geometry.centres)              # (S, T) mm
+        volumes -= (geometry.edge_weights * np.float32(SPIN_HISTORY_PCT_PER_MM / 100.0))[:, None] * spin
+        for k in range(physio.shape[1]):
+            nuisance[f"physio_{k}"] = physio[:, k]
+        nuisance["drift_pct"] = course
     volumes += geometry.motion_basis @ motion.T.astype(np.float32)
     volumes += geometry.base[:, None]
     sigma = np.float32(BOLD_NOISE * geometry.base.mean())
@@ -689,7 +942,7 @@ def _synthesize_bold(
     x, y, z = geometry.shape
     data = data.reshape(n_volumes, z, y, x).transpose(3, 2, 1, 0)        # (X, Y, Z, T), Fortran-contiguous
     zooms = (BOLD_VOXEL_MM,) * 3 + (site.repetition_time,)
-    return _nifti(data, geometry.affine, zooms), motion
+    return _nifti(data, geometry.affine, zooms), motion, nuisance
 
 
 # --------------------------------------------------------------------------- writing
@@ -768,6 +1021,8 @@ PARTICIPANTS_JSON = {
     },
 }
 MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+#: Seed stream of a run's noise (jerks, physiology, drift): stream ``NOISE_STREAM + run`` of its subject.
+NOISE_STREAM = 100
 
 
 def _remove_previous_output(out_dir: Path) -> None:
@@ -873,7 +1128,8 @@ def _write_subject(job: _SubjectJob) -> list[dict[str, str]]:
         stem = f"{label}_task-{TASK}" + (f"_run-{run}" if latents.n_runs > 1 else "")
         rng = stream(1 + run)
         series = _parcel_series(ref=ref, latents=latents, site=site, rng=rng)
-        bold, motion = _synthesize_bold(geometry=geometry, series_pct=series, site=site, rng=rng)
+        bold, motion, nuisance = _synthesize_bold(geometry=geometry, series_pct=series, site=site, rng=rng,
+                                                  latents=latents, noise_rng=stream(NOISE_STREAM + run))
         bold_path = subject_dir / "func" / f"{stem}_bold.nii.gz"
         _write_nifti_gz(bold_path, bold)
         _write_json(
@@ -884,11 +1140,14 @@ def _write_subject(job: _SubjectJob) -> list[dict[str, str]]:
         _write_matrix_tsv(truth, series, ref.roi_names)
         motion_path = truth_dir / f"{stem}_motion.tsv"
         _write_matrix_tsv(motion_path, motion, MOTION_COLUMNS)
+        noise_path = truth_dir / f"{stem}_noise.tsv"
+        _write_matrix_tsv(noise_path, nuisance.to_numpy(), list(nuisance.columns))
         runs.append({
             "site": site.name, "subject": label,
             "bold": bold_path.relative_to(job.out_dir).as_posix(),
             "timeseries": truth.relative_to(job.out_dir).as_posix(),
             "motion": motion_path.relative_to(job.out_dir).as_posix(),
+            "noise": noise_path.relative_to(job.out_dir).as_posix(),
         })
     return runs
 
@@ -965,7 +1224,8 @@ def write_demo_cohort(out_dir: Path, *, seed: int = 0, subjects_per_site: int | 
     for site in SITES:
         # Metadata first: a half-written cohort is still recognisable as demo output.
         _write_site_metadata(bids=out_dir / site.name, site=site, subjects=cohort[site.name], seed=seed)
-        _write_tsv(truth_root / site.name / "subjects.tsv", pd.DataFrame([s.as_row() for s in cohort[site.name]]))
+        _write_tsv(truth_root / site.name / "subjects.tsv",
+                   pd.DataFrame([{**s.as_row(), **_tissue_volumes_ml(s)} for s in cohort[site.name]]))
     jobs = [
         _SubjectJob(out_dir, seed, k, i, cohort[site.name][i])
         for k, site in enumerate(SITES) for i in range(sizes[site.name])

@@ -4,8 +4,9 @@ The demo cohort (:mod:`bh_models.demo.cohort`) generates each BOLD run from know
 Schaefer-400 series, written outside the BIDS folders. The chain's output is
 cleaned (detrending, high-pass, the run's motion regressors, scaling), so it is
 compared with the truth passed through the same cleaning: ``nilearn.signal.clean``
-with the same detrend/high-pass/low-pass settings and the same regressors (read
-from the run's confounds TSV). Regressing 24 motion columns out of 100-160 frames
+with the same detrend/high-pass/low-pass settings and the same regressors (the
+columns the sidecar's ``Regressors`` names, read from the run's confounds TSV).
+Regressing 24 motion columns out of 100-160 frames
 removes a sizeable, signal-independent share of any series; leaving it out of the
 reference would measure the cleaning, not the recovery. Scaling (psc) does not
 change a correlation.
@@ -30,7 +31,7 @@ from bh_models.core.jsonio import read_json, sidecar_path
 from bh_models.core.templates import network_order_of, parcel_order
 
 
-#: Confounds TSV columns that are not regressors.
+#: Confounds TSV columns that are not regressors (for sidecars without ``Regressors``).
 NOT_REGRESSORS = ("framewise_displacement", "censored")
 
 
@@ -98,11 +99,14 @@ def run_recovery(*, recovered: Path, truth: Path, confounds: Path | None = None,
             true = truth_in_recovered_order(truth=true, recovered_columns=list(ours.columns))
         except BHConfigError as err:
             raise ValueError(f"{recovered}: ROI columns differ from the ground truth {truth} ({err})") from err
-    tr = float(read_json(sidecar_path(recovered))["RepetitionTime"])
+    meta = read_json(sidecar_path(recovered))
+    tr = float(meta["RepetitionTime"])
     regressors, keep = None, np.ones(len(true), dtype=bool)
     if confounds is not None:
         table = pd.read_csv(confounds, sep="\t", na_values="n/a")
-        regressors = table.drop(columns=[c for c in NOT_REGRESSORS if c in table]).to_numpy(float)
+        columns = (meta["Regressors"] if "Regressors" in meta
+                   else [c for c in table.columns if c not in NOT_REGRESSORS])
+        regressors = np.nan_to_num(table[columns].to_numpy(float))  # n/a: the first row of a derivative
         regressors = regressors if regressors.shape[1] else None
         if "censored" in table:
             keep = table["censored"].to_numpy() == 0

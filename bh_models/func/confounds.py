@@ -1,204 +1,488 @@
-"""Motion regressors, FD censoring, and confound cleaning of parcel time series.
+"""Confound time series of one BOLD run, with fMRIPrep's names, computed with nipype's algorithms.
 
-Cleaning is ``nilearn.signal.clean`` on the (T, 400) parcel series, in
-nilearn's order: censored frames are interpolated (cubic spline), then signals
-*and* confounds are linearly detrended and Butterworth-filtered (so the
-regression stays orthogonal to the filter, Lindquist 2019), the motion
-regressors are projected out, censored frames are dropped, and the result is
-scaled (``standardize``). Cleaning parcel means is the same linear operation as
-cleaning every voxel and then averaging, at 1/300 of the cost.
+Columns (``*_desc-confounds_timeseries.tsv``, one row per input volume, ``n/a``
+where a value does not exist) and how each is computed:
 
-Defaults (documented in the README)
------------------------------------
-``detrend=True``; ``high_pass=0.01`` Hz; ``low_pass=None`` (no low-pass: the
-models see the full band each TR allows, which TAPE relies on);
-``motion_regressors=24`` (6 parameters, their backward differences, and the
-squares of both: the "full" motion strategy of nilearn's ``load_confounds``);
-``fd_threshold=None`` (no censoring); ``standardize="psc"`` (percent signal
-change against each parcel's mean, comparable across scanners).
+``trans_*``, ``rot_*``
+    Head motion (:mod:`bh_models.func.motion`), mm and rad; with
+    ``_derivative1`` (backward difference, ``n/a`` in the first row),
+    ``_power2`` and ``_derivative1_power2``, fMRIPrep's expansion (Friston
+    et al. 1996; Satterthwaite et al. 2013).
+``framewise_displacement``
+    nipype ``FramewiseDisplacement`` (Power et al. 2012; 50 mm radius).
+``dvars``, ``std_dvars``
+    nipype ``ComputeDVARS`` (intensity-normalised to a median of 1000;
+    ``std_dvars`` standardised by its expected value under an AR(1) model).
+``global_signal``, ``csf``, ``white_matter``, ``csf_wm``, ``tcompcor``
+    Means over the brain mask, the CSF, WM and combined aCompCor masks and the
+    tCompCor voxels; ``global_signal``, ``csf`` and ``white_matter`` are
+    expanded like the motion parameters.
+``c_comp_cor_XX``, ``w_comp_cor_XX``, ``a_comp_cor_XX``
+    nipype ``ACompCor`` (Behzadi et al. 2007) on the CSF, WM and combined masks
+    (``merge_method='none'``, cosine pre-filter at 128 s, every component
+    computed), renamed per mask as fMRIPrep >= 21 does. Written: the
+    components up to 50 % of the mask's variance, at least
+    :data:`COMPCOR_TOP_K` and at most :data:`COMPCOR_MAX_COLUMNS` (fMRIPrep
+    writes exactly the 50 % set; the floor lets the ``acompcor`` strategy take
+    the top five of each tissue, the ceiling keeps noise-dominated masks, whose
+    50 % set can run to a hundred components, from filling the table).
+``t_comp_cor_XX``, ``cosine_XX``
+    nipype ``TCompCor``: the 2 % most variable brain voxels (after quadratic
+    detrending), same pre-filter and column rule; ``cosine_XX`` is its
+    discrete-cosine high-pass basis, absent when the run is shorter than
+    the 128 s cut-off allows.
+``motion_outlier_XX``
+    One column per frame with FD > 0.5 mm or ``std_dvars`` > 1.5 (fMRIPrep's
+    spike regressors); whether frames are censored is the strategy's choice
+    (:mod:`bh_models.func.denoise`).
+
+The sidecar JSON is keyed by column, as fMRIPrep writes it: CompCor entries carry
+``Method``, ``Mask`` (not for tCompCor), ``SingularValue``,
+``VarianceExplained``, ``CumulativeVarianceExplained`` and ``Retained``.
+
+Masks, as fMRIPrep builds them (``acompcor_masks``, its route for discrete
+segmentations), on the template grid the BOLD is resampled onto: from the
+anatomical chain's tissue labels, grey matter dilated by 3 mm is an exclusion
+zone; WM and CSF become pseudo partial-volume maps at the BOLD's voxel size;
+the exclusion zone is removed from the WM and combined (WM + CSF) maps (the CSF
+map is left as is); each is cut to the brain mask and thresholded at 0.99
+(:func:`compcor_masks` says why not the partial-volume route).
+
+CompCor, tCompCor and DVARS use only voxel time series, so they run on the
+sampled voxels laid out as an (N, 1, 1, T) image: the same numbers as on the
+full 4-D grid, in a private temporary folder. The brain-wide measures
+(``global_signal``, ``dvars``, tCompCor) use the brain-mask voxels on a lattice of
+every :data:`BRAIN_LATTICE_STEP`-th voxel along each axis (4 mm at 2 mm), which
+the chain resamples anyway (a brain mask's worth of voxels costs as much as
+keeping the MNI-space BOLD); DVARS uses at most :data:`DVARS_MAX_VOXELS` of
+them, evenly spaced, and the grey-matter tSNR at most :data:`TSNR_MAX_VOXELS`
+grey-matter voxels.
 """
 
 from __future__ import annotations
 
-import sys
-import warnings
-from collections.abc import Mapping
-from typing import Any
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
-from bh_models.core.errors import BHConfigError
-from bh_models.func.motion import PARAMETER_NAMES
+from bh_models.func.motion import FD_RADIUS_MM, PARAMETER_NAMES
 
 __desc__ = (
-    "Parcel time series were cleaned with nilearn's signal.clean (Abraham et al. "
-    "2014): linear detrending, Butterworth high-pass filtering at {high_pass} Hz, "
-    "and regression of {motion_regressors} motion regressors (the six parameters, "
-    "their temporal derivatives and the squares of both), with the same filter "
-    "applied to the regressors; series were scaled to percent signal change."
+    "Confound time series were computed with fMRIPrep's names (Esteban et al. 2019) and nipype's "
+    "algorithms (Gorgolewski et al. 2011): framewise displacement and DVARS (Power et al. 2012), the "
+    "global, white-matter and CSF mean signals, and anatomical (Behzadi et al. 2007) and temporal CompCor "
+    "components from eroded white-matter and CSF masks (grey matter dilated by 3 mm removed; tissue maps "
+    "smoothed to the BOLD resolution and thresholded at 0.99, as fMRIPrep does for discrete segmentations) "
+    "after a 128 s cosine high-pass."
 )
 
-MOTION_REGRESSOR_CHOICES = (0, 6, 12, 24)
-STANDARDIZE_CHOICES = (False, "psc", "zscore_sample")
-_STANDARDIZE_WORDS = {False: "", "psc": "percent signal change", "zscore_sample": "z-scores"}
+#: fMRIPrep's mask construction (its route for discrete segmentations).
+GM_DILATION_MM = 3.0
+MASK_THRESHOLD = 0.99
+#: A CompCor mask with fewer voxels in the field of view gives no components (nipype would skip it silently).
+MIN_MASK_VOXELS = 10
+#: Columns written per CompCor set: the 50 % set, at least TOP_K, at most MAX_COLUMNS.
+COMPCOR_TOP_K = 5
+COMPCOR_MAX_COLUMNS = 10
+VARIANCE_THRESHOLD = 0.5
+COSINE_CUTOFF_S = 128.0
+TCOMPCOR_PERCENTILE = 0.02
+#: fMRIPrep's spike thresholds for ``motion_outlier_XX``.
+SPIKE_FD_MM = 0.5
+SPIKE_STD_DVARS = 1.5
+#: Brain-wide measures sample every n-th brain voxel along each axis of the template grid.
+BRAIN_LATTICE_STEP = 2
+#: DVARS uses an evenly spaced subset of at most this many of those voxels: nipype fits an AR(1) model per
+#: voxel in a Python loop (~0.15 ms each), and DVARS, an RMS over voxels, needs no more.
+DVARS_MAX_VOXELS = 2000
+#: tSNR in grey matter: the median over at most this many grey-matter voxels, evenly spaced.
+TSNR_MAX_VOXELS = 20000
+#: Tissue masks whose mean signals are written, in fMRIPrep's column names.
+MASK_COLUMNS = {"CSF": "csf", "WM": "white_matter", "combined": "csf_wm"}
+_COMPCOR_PREFIX = {"CSF": "c_comp_cor_", "WM": "w_comp_cor_", "combined": "a_comp_cor_"}
 
 
-def describe_methods(*, config: Mapping[str, Any]) -> str:
-    """The methods sentence for the configured cleaning (None means "off").
+def expand_terms(table: pd.DataFrame, columns: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """fMRIPrep's expansion of ``columns``: ``x``, ``x_derivative1``, ``x_power2``, ``x_derivative1_power2``.
 
-    Used by :mod:`bh_models.records.boilerplate` in place of ``__desc__``.
+    The derivative is the backward difference, NaN (``n/a``) in the first row,
+    as fMRIPrep writes it.
     """
-    from bh_models.core.methods import placeholder_value
-
-    module = sys.modules[__name__]
-
-    def setting(name: str) -> Any:
-        return placeholder_value(name=name, config=config, module=module)
-
-    high_pass, low_pass = setting("high_pass"), setting("low_pass")
-    n_motion, fd_threshold = setting("motion_regressors"), setting("fd_threshold")
-    detrend, standardize = setting("detrend"), setting("standardize")
-    steps = ["linear detrending"] if detrend is not False else []
-    if high_pass and low_pass:
-        steps.append(f"Butterworth band-pass filtering ({high_pass:g}-{low_pass:g} Hz)")
-    elif high_pass or low_pass:
-        kind, cutoff = ("high", high_pass) if high_pass else ("low", low_pass)
-        steps.append(f"Butterworth {kind}-pass filtering at {cutoff:g} Hz")
-    if n_motion:
-        what = {6: "the six motion parameters",
-                12: "the six motion parameters and their temporal derivatives",
-                24: "the six motion parameters, their temporal derivatives and the squares of both"}
-        steps.append(f"regression of {n_motion} motion regressors ({what.get(n_motion, 'motion')}), "
-                     "filtered like the signals")
-    text = "Parcel time series were cleaned with nilearn's signal.clean (Abraham et al. 2014)"
-    text += (": " + ", ".join(steps)) if steps else ""
-    text += "."
-    if fd_threshold:
-        text += (f" Frames with FD above {fd_threshold:g} mm were censored (interpolated for "
-                 "filtering, then removed).")
-    scaled_to = _STANDARDIZE_WORDS.get(standardize, "")
-    if scaled_to:
-        text += f" Series were scaled to {scaled_to}."
-    return text
+    out = {}
+    for name in columns:
+        values = table[name].to_numpy(dtype=np.float64)
+        derivative = np.concatenate([[np.nan], np.diff(values)])
+        out[name] = values
+        out[f"{name}_derivative1"] = derivative
+        out[f"{name}_power2"] = values**2
+        out[f"{name}_derivative1_power2"] = derivative**2
+    return pd.DataFrame(out, index=table.index)
 
 
-def expand_motion(*, params: np.ndarray) -> pd.DataFrame:
-    """All 24 motion regressors of (T, 6) parameters, fMRIPrep column names.
+def motion_table(params: np.ndarray) -> pd.DataFrame:
+    """The 24 motion columns of (T, 6) parameters (translations mm, rotations rad), fMRIPrep order."""
+    return expand_terms(pd.DataFrame(np.asarray(params, dtype=np.float64), columns=list(PARAMETER_NAMES)),
+                        PARAMETER_NAMES)
 
-    Columns: the 6 parameters, ``*_derivative1`` (backward difference, 0 for
-    the first frame), ``*_power2`` and ``*_derivative1_power2``.
+
+# --------------------------------------------------------------------------- masks
+
+
+def volume_fraction(mask: np.ndarray, *, bold_mm: float, grid_mm: float) -> np.ndarray:
+    """fMRIPrep's pseudo partial-volume map of a binary tissue mask (its ``mask2vf``).
+
+    A Gaussian of sigma ``0.5 x bold_mm / grid_mm`` voxels, divided by the 99th
+    percentile of the positive values and clipped to [0, 1].
     """
-    base = pd.DataFrame(np.asarray(params, dtype=np.float64), columns=list(PARAMETER_NAMES))
-    derivative = base.diff().fillna(0.0).add_suffix("_derivative1")
-    table = pd.concat([base, derivative], axis=1)
-    return pd.concat([table, (table**2).add_suffix("_power2")], axis=1)
+    smooth = ndimage.gaussian_filter(np.asarray(mask, dtype=np.float64), 0.5 * float(bold_mm) / float(grid_mm))
+    positive = smooth[smooth > 0]
+    if positive.size == 0:
+        return smooth
+    return np.clip(smooth / np.percentile(positive, 99), 0.0, 1.0)
 
 
-def motion_columns(n_regressors: int) -> list[str]:
-    """Column names of :func:`expand_motion` used for ``n_regressors`` (0, 6, 12, 24)."""
-    check_cleaning(motion_regressors=n_regressors)
-    names = list(PARAMETER_NAMES)
-    if n_regressors >= 12:
-        names += [f"{n}_derivative1" for n in PARAMETER_NAMES]
-    if n_regressors == 24:
-        names += [f"{n}_power2" for n in names]
-    return names[:n_regressors]
+def compcor_masks(*, probseg: dict[str, np.ndarray], brain: np.ndarray, grid_mm: float,
+                  bold_mm: float) -> dict[str, np.ndarray]:
+    """fMRIPrep's eroded CSF, WM and combined aCompCor masks on the template grid.
+
+    The tissue labels (maximum posterior inside the brain mask) go through
+    fMRIPrep's route for discrete segmentations: grey matter dilated by 3 mm is
+    the exclusion zone; WM and CSF become pseudo partial-volume maps
+    (:func:`volume_fraction`, scaled to the BOLD voxel size); the exclusion zone
+    is removed from the WM and combined (WM + CSF) maps, not from the CSF map;
+    each map is cut to the brain mask and thresholded at 0.99. (Atropos'
+    posteriors are prior-weighted and diffuse -- GM > 0.05 covered 88 % of the
+    demo brains -- so fMRIPrep's partial-volume route, which thresholds GM at
+    0.05, would leave a few dozen voxels.) The grid the maps live on is the
+    grid the BOLD is resampled onto, so no further resampling is needed.
+
+    Parameters
+    ----------
+    probseg : dict
+        ``"GM"``, ``"WM"``, ``"CSF"`` posteriors on the grid.
+    brain : np.ndarray
+        (X, Y, Z) bool brain mask on the grid.
+    grid_mm : float
+        Grid spacing (mm).
+    bold_mm : float
+        The BOLD run's voxel size (mm, geometric mean of its three sides).
+
+    Returns
+    -------
+    dict
+        ``"CSF"``, ``"WM"``, ``"combined"``: (X, Y, Z) bool masks.
+    """
+    brain = np.asarray(brain, dtype=bool)
+    labels = np.argmax(np.stack([probseg[name] for name in ("GM", "WM", "CSF")]), axis=0)  # 0 GM, 1 WM, 2 CSF
+    grey = brain & (labels == 0)
+    exclusion = ndimage.distance_transform_edt(~grey, sampling=(float(grid_mm),) * 3) <= GM_DILATION_MM
+    wm = volume_fraction(brain & (labels == 1), bold_mm=bold_mm, grid_mm=grid_mm)
+    csf = volume_fraction(brain & (labels == 2), bold_mm=bold_mm, grid_mm=grid_mm)
+    wm[exclusion] = 0.0
+    combined = csf + wm
+    combined[exclusion] = 0.0
+    return {name: (pv > MASK_THRESHOLD) & brain for name, pv in (("CSF", csf), ("WM", wm), ("combined", combined))}
 
 
-def censor_frames(*, fd: np.ndarray, fd_threshold: float | None) -> np.ndarray:
-    """(T,) bool, True for frames to drop: FD above the threshold (never the first frame)."""
-    if fd_threshold is None:
-        return np.zeros(len(fd), dtype=bool)
-    return np.nan_to_num(fd, nan=0.0) > fd_threshold
+def brain_lattice(brain: np.ndarray, step: int = BRAIN_LATTICE_STEP) -> np.ndarray:
+    """The brain-mask voxels whose indices are all multiples of ``step`` (bool, same shape)."""
+    lattice = np.zeros(brain.shape, dtype=bool)
+    lattice[::step, ::step, ::step] = True
+    return lattice & np.asarray(brain, dtype=bool)
 
 
-def check_cleaning(
-    *,
-    motion_regressors: int = 24,
-    high_pass: float | None = 0.01,
-    low_pass: float | None = None,
-    fd_threshold: float | None = None,
-    standardize: bool | str = "psc",
-) -> None:
-    """Raise :class:`BHConfigError` for an invalid cleaning setting."""
-    if motion_regressors not in MOTION_REGRESSOR_CHOICES or isinstance(motion_regressors, bool):
-        raise BHConfigError("motion_regressors", f"{motion_regressors!r} is not allowed", "use 0, 6, 12 or 24")
-    for key, value in (("high_pass", high_pass), ("low_pass", low_pass), ("fd_threshold", fd_threshold)):
-        if value is not None and (isinstance(value, bool) or not value > 0):
-            raise BHConfigError(key, f"{value!r} is not a positive number", "give a positive number or null")
-    if high_pass is not None and low_pass is not None and low_pass <= high_pass:
-        raise BHConfigError("low_pass", f"{low_pass} Hz is not above high_pass {high_pass} Hz",
-                            "set low_pass > high_pass, or null for high-pass only")
-    if standardize not in STANDARDIZE_CHOICES:
-        raise BHConfigError("standardize", f"{standardize!r} is not allowed", "use false, 'psc' or 'zscore_sample'")
+# --------------------------------------------------------------------------- nipype on sampled voxels
 
 
-def clean_parcel_series(
-    *,
-    series: np.ndarray,
-    repetition_time: float,
-    confounds: np.ndarray | None = None,
-    censored: np.ndarray | None = None,
-    detrend: bool = True,
-    high_pass: float | None = 0.01,
-    low_pass: float | None = None,
-    standardize: bool | str = "psc",
-) -> tuple[np.ndarray, list[str]]:
-    """Clean (T, P) series with ``nilearn.signal.clean``.
+def _pseudo_4d(series: np.ndarray, repetition_time: float, path: Path) -> Path:
+    """(T, V) voxel series as an (V, 1, 1, T) float32 NIfTI: what nipype's confound interfaces read."""
+    data = np.ascontiguousarray(np.asarray(series, dtype=np.float32).T)[:, None, None, :]  # (V, 1, 1, T)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_zooms((1.0, 1.0, 1.0, float(repetition_time)))
+    nib.save(img, path)
+    return path
+
+
+def _mask_file(mask: np.ndarray, path: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(mask, dtype=np.uint8)[:, None, None], np.eye(4)), path)  # (V, 1, 1)
+    return path
+
+
+def _read_components(path: str) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t")
+
+
+def _read_metadata(path: str) -> pd.DataFrame:
+    meta = pd.read_csv(path, sep="\t", dtype={"component": str, "mask": str})
+    meta["retained"] = meta["retained"].astype(str) == "True"
+    return meta
+
+
+def n_columns_to_write(cumulative: np.ndarray) -> int:
+    """Columns written for one CompCor set: the 50 % set, at least TOP_K, at most MAX_COLUMNS, at most all."""
+    cumulative = np.asarray(cumulative, dtype=np.float64)
+    if cumulative.size == 0:
+        return 0
+    k50 = int(np.searchsorted(cumulative, VARIANCE_THRESHOLD) + 1)
+    return int(min(max(k50, COMPCOR_TOP_K), COMPCOR_MAX_COLUMNS, cumulative.size))
+
+
+def components_for_variance(cumulative: np.ndarray, threshold: float = VARIANCE_THRESHOLD) -> int:
+    """The smallest number of components whose cumulative variance explained reaches ``threshold``."""
+    return int(min(np.searchsorted(np.asarray(cumulative, dtype=np.float64), threshold) + 1, len(cumulative)))
+
+
+def _compcor_entry(row: pd.Series, method: str, mask: str | None) -> dict:
+    entry = {"CumulativeVarianceExplained": float(row["cumulative_variance_explained"]),
+             "Method": method, "Retained": True, "SingularValue": float(row["singular_value"]),
+             "VarianceExplained": float(row["variance_explained"])}
+    if mask is not None:
+        entry["Mask"] = mask
+    return entry
+
+
+def acompcor(*, series: np.ndarray, masks: dict[str, np.ndarray], repetition_time: float,
+             work: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """nipype ``ACompCor`` on sampled voxels: fMRIPrep-named components and their sidecar entries.
 
     Parameters
     ----------
     series : np.ndarray
-        (T, P) parcel series (raw BOLD units).
+        (T, V) voxel series (every voxel of any mask).
+    masks : dict
+        ``"CSF"``, ``"WM"``, ``"combined"``: (V,) bool; masks with fewer than
+        :data:`MIN_MASK_VOXELS` voxels are left out (no columns).
     repetition_time : float
-        Seconds; the filter cut-offs are in Hz, so each run is filtered at its own TR.
-    confounds : np.ndarray or None
-        (T, K) regressors, K may be 0.
-    censored : np.ndarray or None
-        (T,) bool, frames to remove after filtering.
-    detrend, high_pass, low_pass, standardize
-        See the module defaults.
+        Seconds (the cosine pre-filter's time axis).
+    work : Path
+        An empty private folder for nipype's files.
 
     Returns
     -------
-    cleaned : np.ndarray
-        (T - n_censored, P) float64.
-    notes : list of str
-        Warnings for the sidecar (e.g. a cut-off above Nyquist that was skipped).
+    components : pd.DataFrame
+        (T, K) ``c_comp_cor_XX``, ``w_comp_cor_XX``, ``a_comp_cor_XX`` (see :func:`n_columns_to_write`).
+    metadata : dict
+        Column -> fMRIPrep sidecar entry.
     """
-    from nilearn.signal import clean
+    from nipype.algorithms.confounds import ACompCor
 
-    notes: list[str] = []
-    nyquist = 0.5 / repetition_time
-    if low_pass is not None and low_pass >= nyquist:
-        notes.append(f"low_pass {low_pass:g} Hz is not below the Nyquist frequency {nyquist:.4g} Hz "
-                     f"of TR {repetition_time:g} s; no low-pass filter was applied")
-        low_pass = None
-    if high_pass is not None and high_pass >= nyquist:
-        notes.append(f"high_pass {high_pass:g} Hz is not below the Nyquist frequency {nyquist:.4g} Hz "
-                     f"of TR {repetition_time:g} s; no high-pass filter was applied")
-        high_pass = None
-    if confounds is not None and confounds.shape[1] == 0:
-        confounds = None
-    sample_mask = None
-    if censored is not None and censored.any():
-        sample_mask = np.flatnonzero(~censored)
-    with warnings.catch_warnings():
-        # nilearn announces future changes of its defaults on every call; the
-        # arguments here are explicit, so those messages say nothing about this run.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
-        cleaned = clean(
-            np.asarray(series, dtype=np.float64),
-            detrend=detrend,
-            standardize=standardize if standardize else None,
-            confounds=confounds,
-            standardize_confounds=True,
-            filter="butterworth" if (high_pass or low_pass) else False,
-            low_pass=low_pass,
-            high_pass=high_pass,
-            t_r=repetition_time,
-            sample_mask=sample_mask,
-        )
-    return np.asarray(cleaned, dtype=np.float64), notes
+    names = [name for name in ("CSF", "WM", "combined") if int(np.sum(masks[name])) >= MIN_MASK_VOXELS]
+    if not names:
+        return pd.DataFrame(index=range(len(series))), {}
+    bold = _pseudo_4d(series, repetition_time, work / "acompcor_bold.nii")
+    interface = ACompCor(
+        realigned_file=str(bold), mask_files=[str(_mask_file(masks[n], work / f"mask_{n}.nii")) for n in names],
+        mask_names=names, merge_method="none", num_components="all", components_file="acompcor.tsv",
+        header_prefix="a_comp_cor_", pre_filter="cosine", high_pass_cutoff=COSINE_CUTOFF_S,
+        repetition_time=float(repetition_time), save_pre_filter=False, save_metadata=True, failure_mode="NaN",
+    )
+    result = interface.run(cwd=str(work))
+    components = _read_components(result.outputs.components_file)
+    meta = _read_metadata(result.outputs.metadata_file)
+    columns, metadata = {}, {}
+    for name in names:
+        rows = meta[(meta["mask"] == name) & meta["retained"]]
+        for k, (_, row) in enumerate(rows.head(n_columns_to_write(rows["cumulative_variance_explained"]))
+                                     .iterrows()):
+            column = f"{_COMPCOR_PREFIX[name]}{k:02d}"
+            columns[column] = components[row["component"]].to_numpy()
+            metadata[column] = _compcor_entry(row, "aCompCor", name)
+    return pd.DataFrame(columns, index=range(len(series))), metadata
+
+
+def tcompcor(*, series: np.ndarray, repetition_time: float, work: Path
+             ) -> tuple[pd.DataFrame, dict[str, dict], np.ndarray]:
+    """nipype ``TCompCor`` on the brain voxels: ``t_comp_cor_XX``, ``cosine_XX``, sidecar entries, its voxels.
+
+    Returns
+    -------
+    columns : pd.DataFrame
+        (T, K) ``t_comp_cor_XX`` then ``cosine_XX`` (the pre-filter basis;
+        none when the run is too short for one cosine below 1/128 Hz).
+    metadata : dict
+        Column -> sidecar entry.
+    high_variance : np.ndarray
+        (V,) bool, the voxels tCompCor selected.
+    """
+    from nipype.algorithms.confounds import TCompCor
+
+    bold = _pseudo_4d(series, repetition_time, work / "tcompcor_bold.nii")
+    interface = TCompCor(
+        realigned_file=str(bold), mask_files=[str(_mask_file(np.ones(series.shape[1], bool), work / "brain.nii"))],
+        percentile_threshold=TCOMPCOR_PERCENTILE, num_components="all", components_file="tcompcor.tsv",
+        header_prefix="t_comp_cor_", pre_filter="cosine", high_pass_cutoff=COSINE_CUTOFF_S,
+        repetition_time=float(repetition_time), save_pre_filter=True, save_metadata=True, failure_mode="NaN",
+    )
+    result = interface.run(cwd=str(work))
+    components = _read_components(result.outputs.components_file)
+    meta = _read_metadata(result.outputs.metadata_file)
+    rows = meta[meta["retained"]]
+    columns, metadata = {}, {}
+    for _, row in rows.head(n_columns_to_write(rows["cumulative_variance_explained"])).iterrows():
+        columns[row["component"]] = components[row["component"]].to_numpy()
+        metadata[row["component"]] = _compcor_entry(row, "tCompCor", None)
+    pre_filter = Path(result.outputs.pre_filter_file)
+    if pre_filter.stat().st_size > 0:  # nipype writes an empty file when the basis has no cosine
+        basis = pd.read_csv(pre_filter, sep="\t")
+        for k, name in enumerate(c for c in basis.columns if c.startswith("Cosine")):
+            columns[f"cosine_{k:02d}"] = basis[name].to_numpy()
+            metadata[f"cosine_{k:02d}"] = {"Description": f"discrete cosine basis function {k} of the CompCor "
+                                                          f"high-pass filter ({COSINE_CUTOFF_S:g} s cut-off)"}
+    masks = result.outputs.high_variance_masks
+    mask_path = masks if isinstance(masks, str) else masks[0]  # a str when there is one mask
+    high_variance = np.asarray(nib.load(mask_path).dataobj).reshape(-1) > 0
+    return pd.DataFrame(columns, index=range(len(series))), metadata, high_variance
+
+
+def dvars(*, series: np.ndarray, repetition_time: float, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """nipype ``ComputeDVARS`` on the brain voxels: (T,) ``dvars`` and ``std_dvars``, NaN in the first row."""
+    from nipype.algorithms.confounds import ComputeDVARS
+
+    bold = _pseudo_4d(series, repetition_time, work / "dvars_bold.nii")
+    interface = ComputeDVARS(in_file=str(bold), in_mask=str(_mask_file(np.ones(series.shape[1], bool),
+                                                                        work / "dvars_mask.nii")),
+                             save_std=True, save_nstd=True, remove_zerovariance=True)
+    result = interface.run(cwd=str(work))
+    nstd = np.loadtxt(result.outputs.out_nstd, ndmin=1)
+    std = np.loadtxt(result.outputs.out_std, ndmin=1)
+    return np.concatenate([[np.nan], nstd]), np.concatenate([[np.nan], std])
+
+
+def spike_regressors(*, fd: np.ndarray, std_dvars: np.ndarray) -> pd.DataFrame:
+    """fMRIPrep's ``motion_outlier_XX``: one-hot columns for frames with FD > 0.5 mm or std DVARS > 1.5."""
+    with np.errstate(invalid="ignore"):
+        outliers = np.flatnonzero((np.nan_to_num(fd) > SPIKE_FD_MM) | (np.nan_to_num(std_dvars) > SPIKE_STD_DVARS))
+    columns = {}
+    for k, frame in enumerate(outliers):
+        column = np.zeros(len(fd))
+        column[frame] = 1.0
+        columns[f"motion_outlier_{k:02d}"] = column
+    return pd.DataFrame(columns, index=range(len(fd)))
+
+
+# --------------------------------------------------------------------------- the run's table
+
+
+@dataclass(frozen=True)
+class VoxelSets:
+    """Rows of the sampled voxel series that make each confound's voxel set (in view in every volume)."""
+
+    brain: np.ndarray  # brain-mask lattice
+    masks: dict[str, np.ndarray]  # "CSF", "WM", "combined"
+    grey: np.ndarray  # GM posterior > 0.5 (tSNR)
+
+
+@dataclass(frozen=True)
+class Confounds:
+    """The run's confound table, its sidecar entries and QC measures."""
+
+    table: pd.DataFrame  # (T, columns), fMRIPrep names
+    metadata: dict[str, dict]  # column -> sidecar entry
+    mask_voxels: dict[str, int]  # voxels per CompCor / mean-signal set
+    tcompcor_rows: np.ndarray  # rows of the voxel series tCompCor selected
+    tsnr_gm: float
+    notes: list[str] = field(default_factory=list)
+
+
+def temporal_snr(series: np.ndarray) -> float:
+    """Median over voxels of mean / std over time (ddof 0, no detrending); std <= 1e-3 voxels left out."""
+    series = np.asarray(series, dtype=np.float64)
+    if series.shape[1] == 0:
+        return float("nan")
+    std = series.std(axis=0)
+    valid = std > 1e-3
+    return float(np.median(series.mean(axis=0)[valid] / std[valid])) if valid.any() else float("nan")
+
+
+def _mean_signals(series: np.ndarray, sets: VoxelSets) -> pd.DataFrame:
+    """global_signal, csf, white_matter, csf_wm (NaN when a set is empty)."""
+    def mean(rows: np.ndarray) -> np.ndarray:
+        return series[:, rows].mean(axis=1, dtype=np.float64) if rows.size else np.full(len(series), np.nan)
+
+    table = pd.DataFrame({"global_signal": mean(sets.brain)})
+    for name, column in MASK_COLUMNS.items():
+        table[column] = mean(sets.masks[name])
+    return table
+
+
+def compute_confounds(*, series: np.ndarray, sets: VoxelSets, params: np.ndarray, fd: np.ndarray,
+                      repetition_time: float) -> Confounds:
+    """Every confound column of one run from its resampled voxel series.
+
+    Parameters
+    ----------
+    series : np.ndarray
+        (T, N) voxel series on the template grid (raw, motion-corrected by the one-shot resampling).
+    sets : VoxelSets
+        Rows of ``series`` per voxel set.
+    params : np.ndarray
+        (T, 6) motion parameters (mm, rad).
+    fd : np.ndarray
+        (T,) framewise displacement, NaN first.
+    repetition_time : float
+        Seconds.
+    """
+    notes = []
+    means = _mean_signals(series, sets)
+    all_mask_rows = np.unique(np.concatenate([sets.masks[n] for n in MASK_COLUMNS]))
+    local = {n: np.isin(all_mask_rows, sets.masks[n]) for n in MASK_COLUMNS}
+    small = [f"{n} ({int(v.sum())})" for n, v in local.items() if v.sum() < MIN_MASK_VOXELS]
+    if small:
+        notes.append(f"aCompCor masks with fewer than {MIN_MASK_VOXELS} voxels in the field of view give no "
+                     f"components: {', '.join(small)}")
+    with tempfile.TemporaryDirectory(prefix="bh-confounds-") as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+        (work / "a").mkdir(), (work / "t").mkdir(), (work / "d").mkdir()
+        acc, acc_meta = acompcor(series=series[:, all_mask_rows], masks=local, repetition_time=repetition_time,
+                                 work=work / "a")
+        brain_series = series[:, sets.brain]
+        tcc, tcc_meta, high_variance = tcompcor(series=brain_series, repetition_time=repetition_time,
+                                                work=work / "t")
+        step = -(-brain_series.shape[1] // DVARS_MAX_VOXELS)  # ceil
+        dv, std_dv = dvars(series=brain_series[:, ::step], repetition_time=repetition_time, work=work / "d")
+    means["tcompcor"] = brain_series[:, high_variance].mean(axis=1, dtype=np.float64)
+    table = pd.concat([
+        expand_terms(means, ["global_signal", "csf", "white_matter"]), means[["csf_wm", "tcompcor"]],
+        pd.DataFrame({"std_dvars": std_dv, "dvars": dv, "framewise_displacement": fd}),
+        tcc[[c for c in tcc.columns if c.startswith("t_comp_cor_")]], acc,
+        tcc[[c for c in tcc.columns if c.startswith("cosine_")]], motion_table(params),
+        spike_regressors(fd=fd, std_dvars=std_dv),
+    ], axis=1)
+    metadata = {**_basic_metadata(), **tcc_meta, **acc_meta}
+    voxels = {"brain": int(sets.brain.size), "dvars": int(brain_series[:, ::step].shape[1]),
+              **{n: int(v.size) for n, v in sets.masks.items()},
+              "tcompcor": int(high_variance.sum()), "grey": int(sets.grey.size)}
+    grey = sets.grey[::-(-sets.grey.size // TSNR_MAX_VOXELS)] if sets.grey.size else sets.grey
+    return Confounds(table=table, metadata={k: metadata[k] for k in table.columns if k in metadata},
+                     mask_voxels=voxels, tcompcor_rows=sets.brain[high_variance],
+                     tsnr_gm=temporal_snr(series[:, grey]), notes=notes)
+
+
+def _basic_metadata() -> dict[str, dict]:
+    meta = {}
+    for axis, name in zip("xyz", ("left-right", "anterior-posterior", "superior-inferior")):
+        meta[f"trans_{axis}"] = {"Description": f"Translation along the {name} axis (RAS+ {axis}), relative to "
+                                                "the reference volume.", "Units": "mm"}
+        meta[f"rot_{axis}"] = {"Description": f"Rotation about the {name} axis (extrinsic x-y-z Euler angle about "
+                                              "the field-of-view centre), relative to the reference volume.",
+                               "Units": "rad"}
+    meta["framewise_displacement"] = {"Description": "Power et al. 2012 FD (nipype FramewiseDisplacement, "
+                                                     f"{FD_RADIUS_MM:g} mm radius); n/a for the first frame",
+                                      "Units": "mm"}
+    meta["dvars"] = {"Description": "DVARS (nipype ComputeDVARS), intensities normalised to a median of 1000; "
+                                    "n/a for the first frame"}
+    meta["std_dvars"] = {"Description": "DVARS divided by its expected value under an AR(1) model "
+                                        "(nipype ComputeDVARS); n/a for the first frame"}
+    for name, mask in (("global_signal", "the brain mask (lattice)"), ("csf", "the CSF aCompCor mask"),
+                       ("white_matter", "the WM aCompCor mask"), ("csf_wm", "the combined aCompCor mask"),
+                       ("tcompcor", "the tCompCor voxels")):
+        meta[name] = {"Method": "Mean", "Description": f"mean signal over {mask}"}
+    return meta

@@ -8,11 +8,16 @@ Chain (each step in its own module):
 4. coregistration (:mod:`bh_models.func.resample`): realigned mean -> T1w, rigid MI;
 5. one-shot resampling (:mod:`bh_models.func.resample`): motion, BOLD->T1w and
    T1w->MNI composed, every volume interpolated once onto the template grid
-   (only the atlas voxels inside the brain mask, unless the MNI BOLD is kept);
+   (the atlas voxels inside the brain mask, the aCompCor masks and a lattice
+   of the brain mask; every brain voxel when the MNI BOLD is kept);
 6. parcellation (:mod:`bh_models.func.parcellate`): 400 means, fixed layout;
-7. cleaning (:mod:`bh_models.func.confounds`): nilearn ``signal.clean``;
-8. outputs: series TSV + sidecar, confounds TSV + sidecar, carpet/FD PNG,
-   optionally the MNI-space BOLD.
+7. confounds (:mod:`bh_models.func.confounds`): fMRIPrep's columns with
+   nipype's algorithms, from the tissue masks of the anatomical chain;
+8. denoising (:mod:`bh_models.func.denoise`): the named strategy, censoring,
+   nilearn ``signal.clean``;
+9. outputs: series TSV + sidecar (strategy, degrees of freedom, QC measures),
+   confounds TSV + sidecar, carpet/FD/DVARS PNG, mask PNG, optionally the
+   MNI-space BOLD.
 
 :func:`func_qc_table` gathers the run sidecars of a cohort into one table.
 """
@@ -29,20 +34,34 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bh_models.func.confounds import (
-    censor_frames,
-    check_cleaning,
-    clean_parcel_series,
-    expand_motion,
-    motion_columns,
-)
 from bh_models.core.errors import BHInputError
 from bh_models.core.step import torch_threads
-from bh_models.func.qc import plot_carpet
+from bh_models.func.confounds import (
+    BRAIN_LATTICE_STEP,
+    Confounds,
+    VoxelSets,
+    brain_lattice,
+    compcor_masks,
+    compute_confounds,
+)
+from bh_models.func.denoise import (
+    DEFAULT_GSR,
+    DEFAULT_STRATEGY,
+    Scrubbing,
+    Strategy,
+    StrategyError,
+    censor_frames,
+    check_denoise,
+    clean_parcel_series,
+    filter_bins_removed,
+    matrix_rank,
+    regressor_columns,
+    regressor_matrix,
+)
+from bh_models.func.qc import plot_carpet, plot_rois
 from bh_models.core.imagecheck import load_image, read_data, save_nifti
 from bh_models.core.jsonio import atomic_write_text, read_json, sidecar_path, write_json
 from bh_models.func.motion import (
-    FD_RADIUS_MM,
     PARAMETER_NAMES,
     MotionEstimate,
     estimate_motion,
@@ -66,7 +85,7 @@ __desc__ = (
     "Each resting-state BOLD run was processed by bh_models' functional chain: "
     "head-motion estimation, rigid co-registration to the T1w, a single "
     "resampling to MNI152NLin2009cAsym that composes all transforms, "
-    "Schaefer-400 parcellation and confound cleaning, described below."
+    "Schaefer-400 parcellation, confound extraction and denoising, described below."
 )
 
 MIN_VOLUMES = 20
@@ -126,15 +145,10 @@ class _BoldRun:
 
 @dataclass(frozen=True)
 class _Motion:
-    """Head motion of the run, its FD trace and the frames kept after censoring."""
+    """Head motion of the run and its FD trace."""
 
     estimate: MotionEstimate
     fd: np.ndarray  # (T,), NaN for the first frame
-    censored: np.ndarray  # (T,) bool
-
-    @property
-    def n_kept(self) -> int:
-        return int((~self.censored).sum())
 
     @property
     def mean_fd(self) -> float:
@@ -148,15 +162,34 @@ class _Motion:
 
 
 @dataclass(frozen=True)
+class _Targets:
+    """Template voxels to sample, and which rows of them make each voxel set."""
+
+    indices: np.ndarray  # (N, 3) template voxels, sorted by flat index
+    atlas_rows: np.ndarray  # rows that are the layout's atlas voxels, in layout order
+    brain_rows: np.ndarray  # brain-mask lattice
+    mask_rows: dict[str, np.ndarray]  # aCompCor masks
+    grey_rows: np.ndarray  # GM posterior > 0.5
+    masks: dict[str, np.ndarray]  # the aCompCor masks on the grid (for the QC figure)
+
+
+@dataclass(frozen=True)
 class _TemplateSeries:
     """The BOLD resampled onto the template grid at the sampled voxels."""
 
     atlas: nib.Nifti1Image
     layout: ParcelLayout
-    targets: np.ndarray  # (N, 3) template voxels sampled
-    atlas_rows: np.ndarray  # rows of ``targets`` that are the layout's atlas voxels, in layout order
+    brain: np.ndarray  # (X, Y, Z) bool subject brain mask on the grid
+    targets: _Targets
     series: np.ndarray  # (T, N)
     in_view: np.ndarray  # (N,) seen by every volume
+
+    def sets(self) -> VoxelSets:
+        """The confound voxel sets, restricted to voxels every volume saw."""
+        seen = lambda rows: rows[self.in_view[rows]]  # noqa: E731
+        return VoxelSets(brain=seen(self.targets.brain_rows),
+                         masks={n: seen(r) for n, r in self.targets.mask_rows.items()},
+                         grey=seen(self.targets.grey_rows))
 
 
 @dataclass(frozen=True)
@@ -171,17 +204,38 @@ class _Parcels:
     empty_names: list[str]
 
 
-def _check_settings(*, motion_regressors: int, high_pass: float | None, low_pass: float | None,
-                    fd_threshold: float | None, standardize: bool | str, save_mni_bold: bool,
-                    out_mni_bold: Path | None) -> None:
-    """Refuse invalid cleaning settings, and a kept MNI BOLD without its output path."""
-    check_cleaning(motion_regressors=motion_regressors, high_pass=high_pass, low_pass=low_pass,
-                   fd_threshold=fd_threshold, standardize=standardize)
+@dataclass(frozen=True)
+class _Denoised:
+    """The cleaned series and what the strategy did to get them."""
+
+    cleaned: np.ndarray  # (T_kept, 400)
+    censored: np.ndarray  # (T,) bool
+    columns: list[str]  # regressors, names of the confounds table
+    rank: int
+    filter_bins: int
+
+    @property
+    def n_kept(self) -> int:
+        return int((~self.censored).sum())
+
+    @property
+    def tdof_lost(self) -> int:
+        return self.rank + int(self.censored.sum())
+
+
+def _check_settings(*, denoise: str, gsr: bool, high_pass: float | None, low_pass: float | None,
+                    scrubbing: Scrubbing, standardize: bool | str, save_mni_bold: bool,
+                    out_mni_bold: Path | None) -> Strategy:
+    """The strategy; invalid cleaning settings, and a kept MNI BOLD without its output path, are refused."""
+    strategy = check_denoise(denoise=denoise, gsr=gsr, high_pass=high_pass, low_pass=low_pass,
+                             standardize=standardize, fd_threshold=scrubbing.fd_threshold,
+                             std_dvars_threshold=scrubbing.std_dvars_threshold, min_segment=scrubbing.min_segment)
     if save_mni_bold and out_mni_bold is None:
         from bh_models.core.errors import BHConfigError
 
         raise BHConfigError("save_mni_bold", "is true but no out_mni_bold path was given",
                             "declare the MNI BOLD output in the rule, or set save_mni_bold: false")
+    return strategy
 
 
 def _load_inputs(*, bold: Path, anat: dict[str, Path], min_volumes: int, tr_sidecar: float | None,
@@ -198,22 +252,10 @@ def _load_inputs(*, bold: Path, anat: dict[str, Path], min_volumes: int, tr_side
     return _BoldRun(path=bold, img=img, data=data, n_volumes=n_volumes, tr=tr)
 
 
-def _estimate_motion(run: _BoldRun, *, fd_threshold: float | None, min_volumes: int,
-                     motion_regressors: int) -> _Motion:
-    """3. Rigid head motion to the middle volume, FD, censoring; too few kept frames fail."""
+def _estimate_motion(run: _BoldRun) -> _Motion:
+    """3. Rigid head motion to the middle volume, and FD."""
     estimate = estimate_motion(bold=run.data, affine=run.img.affine)
-    fd = framewise_displacement(params=estimate.params)
-    motion = _Motion(estimate=estimate, fd=fd, censored=censor_frames(fd=fd, fd_threshold=fd_threshold))
-    n_kept = motion.n_kept
-    if n_kept < min_volumes or n_kept <= motion_regressors + 1:
-        raise BHInputError(
-            run.path,
-            (f"only {n_kept} frames remain after censoring (FD > {fd_threshold} mm)"
-             if fd_threshold is not None else f"the run has {n_kept} frames")
-            + f", too few for {motion_regressors} motion regressors and the minimum of {min_volumes} volumes",
-            "exclude the run, or use fewer motion regressors or a higher fd_threshold",
-        )
-    return motion
+    return _Motion(estimate=estimate, fd=framewise_displacement(params=estimate.params))
 
 
 def _coregister(run: _BoldRun, motion: _Motion, *, t1w: Path, t1w_mask: Path, out_transform: Path,
@@ -232,39 +274,75 @@ def _coregister(run: _BoldRun, motion: _Motion, *, t1w: Path, t1w_mask: Path, ou
     )
 
 
+def _load_probseg(paths: dict[str, Path], atlas: nib.Nifti1Image) -> dict[str, np.ndarray]:
+    """The anatomical chain's GM/WM/CSF posteriors, checked to lie on the template grid."""
+    maps = {}
+    for name, path in paths.items():
+        img = load_image(path, ndim=3, what=f"{name} probability map")
+        if img.shape[:3] != atlas.shape[:3] or not np.allclose(img.affine, atlas.affine, atol=1e-3):
+            raise BHInputError(path, f"not on the {TEMPLATE_SPACE} grid of the atlas (shape {img.shape})",
+                               "run the anatomical workflow with the same template resolution as the functional one")
+        maps[name] = read_data(img, path, what=f"{name} probability map")
+    return maps
+
+
+def _sampling_targets(*, layout: ParcelLayout, brain: np.ndarray, probseg: dict[str, np.ndarray],
+                      resolution: float, bold_mm: float, save_mni_bold: bool) -> _Targets:
+    """The template voxels to resample: atlas voxels, the aCompCor masks and the brain lattice.
+
+    With ``save_mni_bold`` every brain voxel (a superset of them all).
+    """
+    masks = compcor_masks(probseg=probseg, brain=brain, grid_mm=float(resolution), bold_mm=bold_mm)
+    lattice = brain_lattice(brain, BRAIN_LATTICE_STEP)
+    grey = (probseg["GM"] > 0.5) & brain
+
+    def flat(mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask)  # C-order flat indices, ascending
+
+    atlas_flat = np.ravel_multi_index(tuple(layout.indices.T), brain.shape)
+    if save_mni_bold:
+        chosen = flat(brain)
+    else:
+        chosen = np.unique(np.concatenate([atlas_flat, flat(lattice), *[flat(m) for m in masks.values()]]))
+    rows = lambda mask_flat: np.searchsorted(chosen, mask_flat)  # noqa: E731
+    grey_flat = np.intersect1d(flat(grey), chosen, assume_unique=True)
+    return _Targets(indices=np.column_stack(np.unravel_index(chosen, brain.shape)), atlas_rows=rows(atlas_flat),
+                    brain_rows=rows(flat(lattice)), mask_rows={n: rows(flat(m)) for n, m in masks.items()},
+                    grey_rows=rows(grey_flat), masks=masks)
+
+
 def _resample_to_mni(run: _BoldRun, motion: _Motion, *, coreg: Path, t1w_to_mni: Path, mni_mask: Path,
-                     resolution: float, networks: int, save_mni_bold: bool) -> _TemplateSeries:
+                     probseg: dict[str, Path], resolution: float, networks: int,
+                     save_mni_bold: bool) -> _TemplateSeries:
     """5. Every volume interpolated once onto the template grid (motion, coreg and T1w->MNI composed).
 
-    Only the atlas voxels inside the brain mask are sampled, unless the MNI BOLD
-    is kept, which needs every brain voxel.
+    The atlas voxels inside the brain mask, the aCompCor masks and a lattice of
+    the brain mask are sampled (:func:`_sampling_targets`); every brain voxel
+    when the MNI BOLD is kept.
     """
     atlas = atlas_in_template_space(networks, resolution)
     mask = _template_mask(mni_mask, atlas, resolution)
     layout = parcel_layout(atlas=atlas, mask=mask, networks=networks)
-    if save_mni_bold:
-        targets = np.argwhere(np.asarray(mask.dataobj) > 0)  # (N, 3) all brain voxels
-        flat = np.ravel_multi_index(tuple(targets.T), atlas.shape)
-        atlas_rows = np.searchsorted(flat, np.ravel_multi_index(tuple(layout.indices.T), atlas.shape))
-    else:
-        targets = layout.indices
-        atlas_rows = np.arange(len(targets))
+    brain = np.asarray(mask.dataobj) > 0
+    bold_mm = float(np.prod(nib.affines.voxel_sizes(run.img.affine)) ** (1 / 3))
+    targets = _sampling_targets(layout=layout, brain=brain, probseg=_load_probseg(probseg, atlas),
+                                resolution=resolution, bold_mm=bold_mm, save_mni_bold=save_mni_bold)
     reference_points = map_points(
-        points=grid_points(indices=targets.astype(np.float64), affine=atlas.affine),
+        points=grid_points(indices=targets.indices.astype(np.float64), affine=atlas.affine),
         transforms=[Path(t1w_to_mni), coreg],  # W first, then C (ANTs list order)
     )
     series, in_view = resample_bold(
         bold=run.data, affine=run.img.affine, motion=motion.estimate.matrices, reference_points=reference_points
     )  # (T, N), (N,)
-    return _TemplateSeries(atlas=atlas, layout=layout, targets=targets, atlas_rows=atlas_rows,
-                           series=series, in_view=in_view)
+    return _TemplateSeries(atlas=atlas, layout=layout, brain=brain, targets=targets, series=series,
+                           in_view=in_view)
 
 
 def _extract_parcels(mni: _TemplateSeries, *, min_parcel_voxels: int) -> tuple[_Parcels, list[str]]:
     """6. The 400 parcel means in the fixed layout, empty parcels filled; and a field-of-view note."""
     # Parcel means over atlas voxels that every volume actually saw.
-    atlas_series = mni.series[:, mni.atlas_rows]
-    usable = mni.in_view[mni.atlas_rows]
+    atlas_series = mni.series[:, mni.targets.atlas_rows]
+    usable = mni.in_view[mni.targets.atlas_rows]
     voxel_series, voxel_labels = atlas_series[:, usable], mni.layout.labels[usable]
     means, counts = parcel_means(series=voxel_series, labels=voxel_labels)
     filled, empty = fill_empty_parcels(means=means, counts=counts, min_parcel_voxels=min_parcel_voxels)
@@ -277,35 +355,83 @@ def _extract_parcels(mni: _TemplateSeries, *, min_parcel_voxels: int) -> tuple[_
                     empty=empty, empty_names=empty_names), notes
 
 
-def _clean(parcels: _Parcels, motion: _Motion, *, tr: RepetitionTime, motion_regressors: int, detrend: bool,
-           high_pass: float | None, low_pass: float | None,
-           standardize: bool | str) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
-    """7. nilearn ``signal.clean`` of the non-empty parcels: (kept frames, 400) series, motion table, notes."""
-    motion_table = expand_motion(params=motion.estimate.params)
-    confounds = motion_table[motion_columns(motion_regressors)].to_numpy()
-    cleaned_valid, notes = clean_parcel_series(
-        series=parcels.filled[:, ~parcels.empty], repetition_time=tr.seconds, confounds=confounds,
-        censored=motion.censored, detrend=detrend, high_pass=high_pass, low_pass=low_pass, standardize=standardize,
+def _confounds(mni: _TemplateSeries, motion: _Motion, *, tr: RepetitionTime) -> Confounds:
+    """7. fMRIPrep's confound columns (nipype's algorithms) from the sampled voxels."""
+    return compute_confounds(series=mni.series, sets=mni.sets(), params=motion.estimate.params, fd=motion.fd,
+                             repetition_time=tr.seconds)
+
+
+def _clean(parcels: _Parcels, confounds: Confounds, *, run: _BoldRun, strategy: Strategy, gsr: bool,
+           scrubbing: Scrubbing, min_volumes: int, detrend: bool, high_pass: float | None,
+           low_pass: float | None, standardize: bool | str) -> tuple[_Denoised, list[str]]:
+    """8. The strategy's regressors and censoring, then cleaning of the non-empty parcels; too few frames fail."""
+    table = confounds.table
+    try:
+        columns, notes = regressor_columns(strategy=strategy, gsr=gsr, table=table, metadata=confounds.metadata)
+        regressors = regressor_matrix(table, columns)
+    except StrategyError as exc:
+        raise BHInputError(run.path, f"the '{strategy.name}' strategy cannot be applied: {exc}",
+                           "choose a strategy without CompCor (e.g. 24P+2P) for this dataset, or check the "
+                           "tissue masks in the anatomical QC figures") from exc
+    censored = np.zeros(run.n_volumes, dtype=bool)
+    if strategy.censor:
+        censored = censor_frames(fd=table["framewise_displacement"].to_numpy(), std_dvars=table["std_dvars"].to_numpy(),
+                                 fd_threshold=scrubbing.fd_threshold,
+                                 std_dvars_threshold=scrubbing.std_dvars_threshold, min_segment=scrubbing.min_segment)
+    rank, n_kept = matrix_rank(regressors), int((~censored).sum())
+    if n_kept < min_volumes or n_kept <= rank + 1:
+        raise BHInputError(
+            run.path,
+            (f"only {n_kept} frames remain after censoring" if censored.any() else f"the run has {n_kept} frames")
+            + f", too few for {rank} regressors ('{strategy.name}') and the minimum of {min_volumes} volumes",
+            "exclude the run, or choose a strategy with fewer regressors or laxer scrubbing thresholds",
+        )
+    cleaned_valid, filter_notes = clean_parcel_series(
+        series=parcels.filled[:, ~parcels.empty], repetition_time=run.tr.seconds, confounds=regressors,
+        censored=censored, detrend=detrend, high_pass=high_pass, low_pass=low_pass, standardize=standardize,
     )
-    cleaned = np.full((motion.n_kept, N_PARCELS), EMPTY_PARCEL_FILL)
+    cleaned = np.full((n_kept, N_PARCELS), EMPTY_PARCEL_FILL)
     cleaned[:, ~parcels.empty] = cleaned_valid
-    return cleaned, motion_table, notes
+    bins = filter_bins_removed(n_frames=n_kept, repetition_time=run.tr.seconds, high_pass=high_pass,
+                               low_pass=low_pass)
+    return _Denoised(cleaned=cleaned, censored=censored, columns=columns, rank=rank, filter_bins=bins), \
+        notes + filter_notes
 
 
-def _write_timeseries(out_timeseries: Path, cleaned: np.ndarray, *, run: _BoldRun, motion: _Motion,
-                      parcels: _Parcels, layout: ParcelLayout, coreg_mi: float, cleaning: dict,
-                      min_parcel_voxels: int, resolution: float, networks: int, warnings: list[str]) -> None:
-    """8a. The parcel series TSV and its sidecar (TR, FD, scrubbing, empty parcels, settings, QC values)."""
-    _write_tsv(out_timeseries, pd.DataFrame(cleaned, columns=list(layout.names)))
+def _qc_measures(motion: _Motion, confounds: Confounds, denoised: _Denoised) -> dict:
+    """BOLD QC values of the run (sidecar and cohort table)."""
+    table = confounds.table
+    finite = lambda column: table[column].to_numpy()[np.isfinite(table[column].to_numpy())]  # noqa: E731
+    return {
+        "MeanFD": motion.mean_fd,
+        "MaxFD": motion.max_fd,
+        "MeanDVARS": float(finite("dvars").mean()) if finite("dvars").size else None,
+        "MeanStdDVARS": float(finite("std_dvars").mean()) if finite("std_dvars").size else None,
+        "NumberOfFDAbove0.5mm": int((finite("framewise_displacement") > 0.5).sum()),
+        "NumberOfFDAbove0.2mm": int((finite("framewise_displacement") > 0.2).sum()),
+        "TSNRGreyMatter": confounds.tsnr_gm,
+        "NumberOfCensoredFrames": int(denoised.censored.sum()),
+        "TemporalDegreesOfFreedomLost": denoised.tdof_lost,
+    }
+
+
+def _write_timeseries(out_timeseries: Path, denoised: _Denoised, *, run: _BoldRun, parcels: _Parcels,
+                      layout: ParcelLayout, coreg_mi: float, cleaning: dict, qc: dict, min_parcel_voxels: int,
+                      resolution: float, networks: int, warnings: list[str]) -> None:
+    """9a. The parcel series TSV and its sidecar (TR, strategy, degrees of freedom, QC values, settings)."""
+    _write_tsv(out_timeseries, pd.DataFrame(denoised.cleaned, columns=list(layout.names)))
     sidecar = {
         "RepetitionTime": run.tr.seconds,
         "RepetitionTimeSource": run.tr.source,
         "NumberOfVolumes": run.n_volumes,
-        "NumberOfRows": motion.n_kept,
-        "MeanFD": motion.mean_fd,
-        "MaxFD": motion.max_fd,
-        "NumberOfScrubbedFrames": int(motion.censored.sum()),
-        "ScrubbedFrames": np.flatnonzero(motion.censored).tolist(),
+        "NumberOfRows": denoised.n_kept,
+        **qc,
+        "CensoredFrames": np.flatnonzero(denoised.censored).tolist(),
+        "Strategy": cleaning["strategy"],
+        "Regressors": denoised.columns,
+        "DegreesOfFreedom": {"Frames": run.n_volumes, "Censored": int(denoised.censored.sum()),
+                             "RegressorRank": denoised.rank, "Lost": denoised.tdof_lost,
+                             "Remaining": run.n_volumes - denoised.tdof_lost, "FilterBins": denoised.filter_bins},
         "EmptyParcels": parcels.empty_names,
         "EmptyParcelFill": EMPTY_PARCEL_FILL,
         "MinParcelVoxels": int(min_parcel_voxels),
@@ -314,7 +440,6 @@ def _write_timeseries(out_timeseries: Path, cleaned: np.ndarray, *, run: _BoldRu
         "Atlas": _atlas_name(networks),
         "NumberOfParcels": N_PARCELS,
         "Cleaning": cleaning,
-        "MotionReferenceVolume": motion.estimate.reference_index,
         "CoregistrationMutualInformation": coreg_mi,
         "AtlasVoxelsInFieldOfView": float(parcels.usable.mean()),
         "warnings": warnings,
@@ -322,51 +447,118 @@ def _write_timeseries(out_timeseries: Path, cleaned: np.ndarray, *, run: _BoldRu
     write_json(sidecar_path(out_timeseries), sidecar)
 
 
-def _write_confounds(out_confounds: Path, motion_table: pd.DataFrame, *, motion: _Motion,
-                     tr: RepetitionTime) -> None:
-    """8b. The confounds TSV (motion regressors, FD, censored flag for every input frame) and its sidecar."""
-    confound_table = motion_table.copy()
-    confound_table["framewise_displacement"] = motion.fd
-    confound_table["censored"] = motion.censored.astype(int)
-    _write_tsv(out_confounds, confound_table)
+def _write_confounds(out_confounds: Path, confounds: Confounds, *, motion: _Motion, censored: np.ndarray,
+                     tr: RepetitionTime, strategy: str) -> None:
+    """9b. The confounds TSV (fMRIPrep's columns and ``censored``, every input frame) and its sidecar."""
+    table = confounds.table.copy()
+    table["censored"] = censored.astype(int)
+    _write_tsv(out_confounds, table)
     write_json(sidecar_path(out_confounds), {
+        **confounds.metadata,
+        "censored": {"Description": f"1 where the '{strategy}' strategy censored the frame; such frames are "
+                                    "absent from the parcel time series", "Levels": {"0": "kept", "1": "censored"}},
         "RepetitionTime": tr.seconds,
         "MotionReferenceVolume": motion.estimate.reference_index,
-        "trans_x": {"Description": "displacement of the field-of-view centre, RAS+ x (mm), "
-                                   "relative to the reference volume", "Units": "mm"},
-        "rot_x": {"Description": "extrinsic x-y-z Euler angle about the field-of-view centre, "
-                                 "relative to the reference volume", "Units": "rad"},
-        "framewise_displacement": {"Description": "Power et al. 2012 FD (nipype FramewiseDisplacement, "
-                                                  f"{FD_RADIUS_MM:g} mm radius); n/a for the first frame",
-                                   "Units": "mm"},
-        "censored": {"Description": "1 where FD exceeded fd_threshold; such frames are absent from the "
-                                    "parcel time series", "Levels": {"0": "kept", "1": "censored"}},
-        "Columns": list(confound_table.columns),
         "MotionParameters": list(PARAMETER_NAMES),
+        "MaskVoxels": confounds.mask_voxels,
+        "BrainLatticeStep": BRAIN_LATTICE_STEP,
+        "Columns": list(table.columns),
     })
 
 
-def _write_qc(out_carpet: Path, cleaned: np.ndarray, *, run: _BoldRun, motion: _Motion, parcels: _Parcels,
-              fd_threshold: float | None) -> None:
-    """8c. The FD trace + voxel carpet + cleaned parcel carpet PNG."""
+def _write_qc(out_carpet: Path, out_rois: Path, mni: _TemplateSeries, confounds: Confounds,
+              denoised: _Denoised, *, run: _BoldRun, parcels: _Parcels, mni_t1w: Path,
+              scrubbing: Scrubbing | None) -> None:
+    """9c. The FD/DVARS + voxel carpet + cleaned parcel carpet PNG, and the confound masks PNG."""
     stem = run.path.name.removesuffix(".nii.gz").removesuffix(".nii").removesuffix("_bold")
+    table = confounds.table
     plot_carpet(
-        voxel_series=parcels.voxel_series, voxel_labels=parcels.voxel_labels, cleaned=cleaned,
-        kept_frames=np.flatnonzero(~motion.censored), fd=motion.fd, repetition_time=run.tr.seconds,
-        fd_threshold=fd_threshold, title=stem, out_png=out_carpet,
+        voxel_series=parcels.voxel_series, voxel_labels=parcels.voxel_labels, cleaned=denoised.cleaned,
+        kept_frames=np.flatnonzero(~denoised.censored), fd=table["framewise_displacement"].to_numpy(),
+        std_dvars=table["std_dvars"].to_numpy(), repetition_time=run.tr.seconds,
+        fd_threshold=scrubbing.fd_threshold if scrubbing else None,
+        std_dvars_threshold=scrubbing.std_dvars_threshold if scrubbing else None, title=stem, out_png=out_carpet,
     )
+    plot_rois(background=read_data(load_image(mni_t1w, ndim=3, what="MNI-space T1w"), mni_t1w, what="T1w"),
+              brain=mni.brain, masks=mni.targets.masks,
+              tcompcor_voxels=mni.targets.indices[confounds.tcompcor_rows],
+              title=f"{stem}: brain mask (red), aCompCor CSF (magenta), WM (cyan), combined (green), "
+                    "tCompCor voxels (yellow)", out_png=out_rois)
 
 
 def _write_mni_bold(out_mni_bold: Path, mni: _TemplateSeries, *, run: _BoldRun, resolution: float) -> None:
-    """8d. The 4D float32 BOLD on the template grid, zero outside the brain mask, and its sidecar."""
+    """9d. The 4D float32 BOLD on the template grid, zero outside the brain mask, and its sidecar."""
     volume = np.zeros((*mni.atlas.shape[:3], run.n_volumes), dtype=np.float32)
-    volume[tuple(mni.targets.T)] = (mni.series * mni.in_view).T  # (N, T) into the brain voxels
+    volume[tuple(mni.targets.indices.T)] = (mni.series * mni.in_view).T  # (N, T) into the brain voxels
     img = nib.Nifti1Image(volume, mni.atlas.affine)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_zooms((*img.header.get_zooms()[:3], run.tr.seconds))
     save_nifti(Path(out_mni_bold), img)
     write_json(sidecar_path(out_mni_bold), {"RepetitionTime": run.tr.seconds, "Space": TEMPLATE_SPACE,
                                             "Resolution": float(resolution), "SkullStripped": True})
+
+
+@dataclass(frozen=True)
+class RunSignals:
+    """Everything of a run before denoising: resampled voxels, parcel means, confounds (stages 1-7)."""
+
+    run: _BoldRun
+    motion: _Motion
+    mni: _TemplateSeries
+    parcels: _Parcels
+    confounds: Confounds
+    coreg_mi: float
+    warnings: list[str]
+
+
+def extract_run(*, bold: Path, t1w: Path, t1w_mask: Path, t1w_to_mni: Path, mni_mask: Path,
+                gm_probseg: Path, wm_probseg: Path, csf_probseg: Path, tr_sidecar: float | None = None,
+                tr_override: float | None = None, resolution: float = 2.0, networks: int = 7,
+                min_volumes: int = MIN_VOLUMES, min_parcel_voxels: int = MIN_PARCEL_VOXELS,
+                save_mni_bold: bool = False, seed: int = 0, threads: int = 1) -> RunSignals:
+    """Stages 1-7 of :func:`preprocess_bold` (no denoising, nothing written); parameters as there.
+
+    The denoising benchmark runs this once per run and :func:`denoise_run` once per strategy.
+    """
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
+    probseg = {"GM": Path(gm_probseg), "WM": Path(wm_probseg), "CSF": Path(csf_probseg)}
+    run = _load_inputs(bold=Path(bold), anat={"t1w": t1w, "t1w_mask": t1w_mask, "t1w_to_mni": t1w_to_mni,
+                                              "mni_mask": mni_mask, "gm_probseg": probseg["GM"],
+                                              "wm_probseg": probseg["WM"], "csf_probseg": probseg["CSF"]},
+                       min_volumes=min_volumes, tr_sidecar=tr_sidecar, tr_override=tr_override)
+    warnings = list(run.tr.warnings)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bh-func-") as work:
+        motion = _estimate_motion(run)
+        coreg = Path(work) / "bold_from_t1w.mat"
+        coreg_mi = _coregister(run, motion, t1w=t1w, t1w_mask=t1w_mask, out_transform=coreg, seed=seed)
+        mni = _resample_to_mni(run, motion, coreg=coreg, t1w_to_mni=t1w_to_mni, mni_mask=mni_mask,
+                               probseg=probseg, resolution=resolution, networks=networks,
+                               save_mni_bold=save_mni_bold)
+    parcels, notes = _extract_parcels(mni, min_parcel_voxels=min_parcel_voxels)
+    confounds = _confounds(mni, motion, tr=run.tr)
+    return RunSignals(run=run, motion=motion, mni=mni, parcels=parcels, confounds=confounds, coreg_mi=coreg_mi,
+                      warnings=warnings + notes + confounds.notes)
+
+
+def denoise_run(signals: RunSignals, *, denoise: str = DEFAULT_STRATEGY, gsr: bool = DEFAULT_GSR,
+                fd_threshold: float | None = 0.5, std_dvars_threshold: float | None = 1.5, min_segment: int = 5,
+                detrend: bool = True, high_pass: float | None = 0.01, low_pass: float | None = None,
+                standardize: bool | str = "psc", min_volumes: int = MIN_VOLUMES
+                ) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
+    """Stage 8 of :func:`preprocess_bold` on an extracted run: (T_kept, 400) series, censored frames, info, notes.
+
+    ``info`` holds the regressors, their rank, the censored frames and the degrees of freedom lost.
+    """
+    scrubbing = Scrubbing(fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold, min_segment=min_segment)
+    strategy = check_denoise(denoise=denoise, gsr=gsr, high_pass=high_pass, low_pass=low_pass,
+                             standardize=standardize, fd_threshold=fd_threshold,
+                             std_dvars_threshold=std_dvars_threshold, min_segment=min_segment)
+    denoised, notes = _clean(signals.parcels, signals.confounds, run=signals.run, strategy=strategy, gsr=gsr,
+                             scrubbing=scrubbing, min_volumes=min_volumes, detrend=detrend, high_pass=high_pass,
+                             low_pass=low_pass, standardize=standardize)
+    info = {"regressors": denoised.columns, "rank": denoised.rank, "n_censored": int(denoised.censored.sum()),
+            "tdof_lost": denoised.tdof_lost, "filter_bins": denoised.filter_bins}
+    return denoised.cleaned, denoised.censored, info, notes
 
 
 def preprocess_bold(
@@ -376,9 +568,14 @@ def preprocess_bold(
     t1w_mask: Path,
     t1w_to_mni: Path,
     mni_mask: Path,
+    mni_t1w: Path,
+    gm_probseg: Path,
+    wm_probseg: Path,
+    csf_probseg: Path,
     out_timeseries: Path,
     out_confounds: Path,
     out_carpet: Path,
+    out_rois: Path,
     out_mni_bold: Path | None = None,
     tr_sidecar: float | None = None,
     tr_override: float | None = None,
@@ -389,14 +586,17 @@ def preprocess_bold(
     detrend: bool = True,
     high_pass: float | None = 0.01,
     low_pass: float | None = None,
-    motion_regressors: int = 24,
-    fd_threshold: float | None = None,
+    denoise: str = DEFAULT_STRATEGY,
+    gsr: bool = DEFAULT_GSR,
+    fd_threshold: float | None = 0.5,
+    std_dvars_threshold: float | None = 1.5,
+    min_segment: int = 5,
     standardize: bool | str = "psc",
     save_mni_bold: bool = False,
     seed: int = 0,
     threads: int = 1,
 ) -> dict:
-    """Step function: one rest BOLD run -> cleaned Schaefer-400 time series.
+    """Step function: one rest BOLD run -> denoised Schaefer-400 time series and fMRIPrep-style confounds.
 
     Parameters
     ----------
@@ -412,16 +612,26 @@ def preprocess_bold(
     mni_mask : Path
         Subject brain mask on the template grid at ``resolution``
         (``*_space-MNI152NLin2009cAsym_res-2_desc-brain_mask.nii.gz``).
+    mni_t1w : Path
+        The T1w on that grid (background of the mask figure).
+    gm_probseg, wm_probseg, csf_probseg : Path
+        Tissue posteriors on that grid (``*_label-{GM,WM,CSF}_probseg.nii.gz``):
+        the aCompCor masks and the grey matter of the tSNR.
     out_timeseries : Path
         Written: TSV, one row per kept frame, 400 columns headed by ROI name
-        in atlas order; plus its JSON sidecar (RepetitionTime,
-        NumberOfVolumes, MeanFD, MaxFD, NumberOfScrubbedFrames, EmptyParcels,
-        Space, Atlas, warnings, cleaning settings, QC values).
+        in atlas order; plus its JSON sidecar (RepetitionTime, NumberOfVolumes,
+        Strategy, Regressors, DegreesOfFreedom, the BOLD QC measures MeanFD,
+        MaxFD, MeanDVARS, MeanStdDVARS, TSNRGreyMatter,
+        NumberOfCensoredFrames, TemporalDegreesOfFreedomLost; EmptyParcels,
+        Space, Atlas, warnings, cleaning settings).
     out_confounds : Path
-        Written: TSV with the 24 motion regressors, ``framewise_displacement``
-        and ``censored`` for every input frame; plus a JSON sidecar.
+        Written: TSV with fMRIPrep's confound columns (:mod:`bh_models.func.confounds`)
+        and ``censored`` for every input frame; plus fMRIPrep's JSON sidecar
+        (CompCor components: mask, variance explained).
     out_carpet : Path
-        Written: PNG, FD trace + voxel carpet + cleaned parcel carpet.
+        Written: PNG, FD and std DVARS traces + voxel carpet + cleaned parcel carpet.
+    out_rois : Path
+        Written: PNG, the brain mask, aCompCor masks and tCompCor voxels on the T1w.
     out_mni_bold : Path or None
         Written when ``save_mni_bold``: 4D float32 BOLD on the template grid,
         zero outside the brain mask (large; off by default).
@@ -434,11 +644,15 @@ def preprocess_bold(
     networks : int
         Schaefer-400 network version, 7 or 17.
     min_volumes : int
-        Runs with fewer volumes fail.
+        Runs with fewer volumes (or fewer kept frames) fail.
     min_parcel_voxels : int
         Parcels with fewer usable voxels are filled with 0 and listed.
-    detrend, high_pass, low_pass, motion_regressors, fd_threshold, standardize
-        Cleaning settings, see :mod:`bh_models.func.confounds`.
+    detrend, high_pass, low_pass, standardize
+        Filtering and scaling, see :mod:`bh_models.func.denoise`.
+    denoise, gsr
+        The named strategy and global signal regression (:data:`bh_models.func.denoise.STRATEGIES`).
+    fd_threshold, std_dvars_threshold, min_segment
+        Censoring of strategies that censor (``scrubbing``).
     save_mni_bold : bool
         Also write the MNI-space 4D BOLD to ``out_mni_bold``.
     seed : int
@@ -451,67 +665,67 @@ def preprocess_bold(
     -------
     dict
         ``repetition_time``, ``n_volumes``, ``n_frames_kept``, ``mean_fd``,
-        ``max_fd``, ``n_scrubbed``, ``empty_parcels``, ``warnings``.
+        ``max_fd``, ``n_censored``, ``tdof_lost``, ``strategy``, ``empty_parcels``, ``warnings``.
 
     Raises
     ------
     BHInputError
         3D BOLD, too few volumes, NaNs, bad or missing TR, missing anatomical
-        inputs, too few frames left for the regressors.
+        inputs, too few frames left for the regressors, a CompCor strategy
+        without CompCor components.
     BHConfigError
         Invalid cleaning settings or TR override.
     """
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
-    bold = Path(bold)
-    _check_settings(motion_regressors=motion_regressors, high_pass=high_pass, low_pass=low_pass,
-                    fd_threshold=fd_threshold, standardize=standardize, save_mni_bold=save_mni_bold,
-                    out_mni_bold=out_mni_bold)
-    run = _load_inputs(bold=bold, anat={"t1w": t1w, "t1w_mask": t1w_mask, "t1w_to_mni": t1w_to_mni,
-                                        "mni_mask": mni_mask},
-                       min_volumes=min_volumes, tr_sidecar=tr_sidecar, tr_override=tr_override)
-    warnings = list(run.tr.warnings)
-
-    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bh-func-") as work:
-        motion = _estimate_motion(run, fd_threshold=fd_threshold, min_volumes=min_volumes,
-                                  motion_regressors=motion_regressors)
-        coreg = Path(work) / "bold_from_t1w.mat"
-        coreg_mi = _coregister(run, motion, t1w=t1w, t1w_mask=t1w_mask, out_transform=coreg, seed=seed)
-        mni = _resample_to_mni(run, motion, coreg=coreg, t1w_to_mni=t1w_to_mni, mni_mask=mni_mask,
-                               resolution=resolution, networks=networks, save_mni_bold=save_mni_bold)
-
-    parcels, notes = _extract_parcels(mni, min_parcel_voxels=min_parcel_voxels)
-    warnings += notes
-    cleaned, motion_table, notes = _clean(parcels, motion, tr=run.tr, motion_regressors=motion_regressors,
-                                          detrend=detrend, high_pass=high_pass, low_pass=low_pass,
-                                          standardize=standardize)
-    warnings += notes
+    scrubbing = Scrubbing(fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold, min_segment=min_segment)
+    strategy = _check_settings(denoise=denoise, gsr=gsr, high_pass=high_pass, low_pass=low_pass, scrubbing=scrubbing,
+                               standardize=standardize, save_mni_bold=save_mni_bold, out_mni_bold=out_mni_bold)
+    _require_files(mni_t1w=Path(mni_t1w))
+    signals = extract_run(bold=bold, t1w=t1w, t1w_mask=t1w_mask, t1w_to_mni=t1w_to_mni, mni_mask=mni_mask,
+                          gm_probseg=gm_probseg, wm_probseg=wm_probseg, csf_probseg=csf_probseg,
+                          tr_sidecar=tr_sidecar, tr_override=tr_override, resolution=resolution, networks=networks,
+                          min_volumes=min_volumes, min_parcel_voxels=min_parcel_voxels,
+                          save_mni_bold=save_mni_bold, seed=seed, threads=threads)
+    run, motion, mni, parcels, confounds = (signals.run, signals.motion, signals.mni, signals.parcels,
+                                            signals.confounds)
+    denoised, notes = _clean(parcels, confounds, run=run, strategy=strategy, gsr=gsr, scrubbing=scrubbing,
+                             min_volumes=min_volumes, detrend=detrend, high_pass=high_pass, low_pass=low_pass,
+                             standardize=standardize)
+    warnings = signals.warnings + notes
 
     # ---- outputs
-    cleaning = {"detrend": bool(detrend), "high_pass": high_pass, "low_pass": low_pass,
-                "motion_regressors": int(motion_regressors), "fd_threshold": fd_threshold,
-                "standardize": standardize, "method": "nilearn.signal.clean"}
-    _write_timeseries(out_timeseries, cleaned, run=run, motion=motion, parcels=parcels, layout=mni.layout,
-                      coreg_mi=coreg_mi, cleaning=cleaning, min_parcel_voxels=min_parcel_voxels,
+    cleaning = {"strategy": strategy.name, "gsr": bool(gsr), "detrend": bool(detrend), "high_pass": high_pass,
+                "low_pass": low_pass, "standardize": standardize, "method": "nilearn.signal.clean",
+                "censoring": ({"fd_threshold": fd_threshold, "std_dvars_threshold": std_dvars_threshold,
+                               "min_segment": int(min_segment), "method": "interpolate (cubic spline), filter, "
+                               "regress on kept frames, remove"} if strategy.censor else None)}
+    qc = _qc_measures(motion, confounds, denoised)
+    _write_timeseries(out_timeseries, denoised, run=run, parcels=parcels, layout=mni.layout,
+                      coreg_mi=signals.coreg_mi, cleaning=cleaning, qc=qc, min_parcel_voxels=min_parcel_voxels,
                       resolution=resolution, networks=networks, warnings=warnings)
-    _write_confounds(out_confounds, motion_table, motion=motion, tr=run.tr)
-    _write_qc(out_carpet, cleaned, run=run, motion=motion, parcels=parcels, fd_threshold=fd_threshold)
+    _write_confounds(out_confounds, confounds, motion=motion, censored=denoised.censored, tr=run.tr,
+                     strategy=strategy.name)
+    _write_qc(out_carpet, out_rois, mni, confounds, denoised, run=run, parcels=parcels, mni_t1w=Path(mni_t1w),
+              scrubbing=scrubbing if strategy.censor else None)
     if save_mni_bold:
         _write_mni_bold(out_mni_bold, mni, run=run, resolution=resolution)
 
     return {
         "repetition_time": run.tr.seconds,
         "n_volumes": run.n_volumes,
-        "n_frames_kept": motion.n_kept,
+        "n_frames_kept": denoised.n_kept,
         "mean_fd": motion.mean_fd,
         "max_fd": motion.max_fd,
-        "n_scrubbed": int(motion.censored.sum()),
+        "n_censored": int(denoised.censored.sum()),
+        "tdof_lost": denoised.tdof_lost,
+        "strategy": strategy.name,
         "empty_parcels": parcels.empty_names,
         "warnings": warnings,
     }
 
 
 QC_COLUMNS = (
-    "RepetitionTime", "NumberOfVolumes", "NumberOfRows", "MeanFD", "MaxFD", "NumberOfScrubbedFrames",
+    "RepetitionTime", "NumberOfVolumes", "NumberOfRows", "Strategy", "MeanFD", "MaxFD", "MeanDVARS",
+    "MeanStdDVARS", "TSNRGreyMatter", "NumberOfCensoredFrames", "TemporalDegreesOfFreedomLost",
     "CoregistrationMutualInformation", "AtlasVoxelsInFieldOfView",
 )
 
@@ -534,7 +748,7 @@ def func_qc_table(*, sidecars: list[Path], out_table: Path, threads: int = 1) ->
     Returns
     -------
     dict
-        ``n_runs``, ``median_mean_fd``, ``n_with_empty_parcels``, ``n_with_warnings``.
+        ``n_runs``, ``median_mean_fd``, ``n_with_empty_parcels``, ``n_with_censoring``, ``n_with_warnings``.
     """
     out_table = Path(out_table)
     rows = []
@@ -553,5 +767,6 @@ def func_qc_table(*, sidecars: list[Path], out_table: Path, threads: int = 1) ->
         "n_runs": len(table),
         "median_mean_fd": float(table["MeanFD"].median()) if len(table) else float("nan"),
         "n_with_empty_parcels": int((table["n_empty_parcels"] > 0).sum()),
+        "n_with_censoring": int((pd.to_numeric(table["NumberOfCensoredFrames"]).fillna(0) > 0).sum()),
         "n_with_warnings": int((table["n_warnings"] > 0).sum()),
     }

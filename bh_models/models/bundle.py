@@ -60,10 +60,10 @@ GRADIENTS_FILE = "gradient_embedding.tsv"
 CHECKPOINTS = {"harmonix_f": "harmonix-f/checkpoint.pt", "harmonix_s": "harmonix-s/checkpoint.pt",
                "harmonizer": "harmonizer/checkpoint.pt"}
 #: Config keys a bundle records and a downstream config must match: they change the
-#: models' inputs (ROI order and count, patch size and count, T1 grid, signal units).
+#: models' inputs (ROI order and count, patch size and count, T1 grid, signal units, denoising).
 SETTING_KEYS = ("atlas.name", "atlas.parcels", "atlas.networks", "augment.tau", "augment.max_patches",
                 "template.name", "template.resolution", "anat.tensor_grid", "func.detrend", "func.high_pass",
-                "func.low_pass", "func.standardize")
+                "func.low_pass", "func.standardize", "func.denoise", "func.gsr")
 
 NORMALISATION_CONTRACT = (
     "Downstream parcel series are cleaned and parcellated with this bundle's settings, then "

@@ -40,11 +40,13 @@ from bh_models.core.provenance import code_version, package_versions
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "Anatomical data preprocessing",
-        ("bh_models.core.templates", "bh_models.anat.preprocess", "bh_models.anat.skullstrip", "bh_models.anat.registration"),
+        ("bh_models.core.templates", "bh_models.anat.preprocess", "bh_models.anat.skullstrip", "bh_models.anat.registration",
+         "bh_models.anat.tissues"),
     ),
     (
         "Functional data preprocessing",
-        ("bh_models.func.preprocess", "bh_models.func.motion", "bh_models.func.confounds", "bh_models.func.parcellate"),
+        ("bh_models.func.preprocess", "bh_models.func.motion", "bh_models.func.parcellate", "bh_models.func.confounds",
+         "bh_models.func.denoise"),
     ),
     ("Geometric embedding of the cortex", ("bh_models.geometry.eigenmodes", "bh_models.geometry.gradients")),
     ("Training data", ("bh_models.store.augment", "bh_models.store.scaling", "bh_models.store.splits", "bh_models.store.shards")),
@@ -62,7 +64,9 @@ REQUIRED_MODULES = (
     "bh_models.func.preprocess",
     "bh_models.func.motion",
     "bh_models.func.confounds",
+    "bh_models.func.denoise",
     "bh_models.func.parcellate",
+    "bh_models.anat.tissues",
     "bh_models.geometry.eigenmodes",
     "bh_models.store.augment",
     "bh_models.models.nn",
@@ -115,11 +119,32 @@ CITATIONS: tuple[Citation, ...] = (
         "doi:10.1016/j.media.2007.06.004",
     ),
     Citation(
+        "Avants",
+        "2011",
+        "Avants BB, Tustison NJ, Wu J, Cook PA, Gee JC. An open source multivariate framework for "
+        "n-tissue segmentation with evaluation on public data. Neuroinformatics. 2011;9(4):381-400. "
+        "doi:10.1007/s12021-011-9109-y",
+    ),
+    Citation(
+        "Behzadi",
+        "2007",
+        "Behzadi Y, Restom K, Liau J, Liu TT. A component based noise correction method (CompCor) "
+        "for BOLD and perfusion based fMRI. NeuroImage. 2007;37(1):90-101. doi:10.1016/j.neuroimage.2007.04.042",
+    ),
+    Citation(
         "Beyer",
         "2023",
         "Beyer L, Izmailov P, Kolesnikov A, Caron M, Kornblith S, Zhai X, Minderer M, "
         "Tschannen M, Alabdulmohsin I, Pavetic F. FlexiViT: one model for all patch sizes. "
         "CVPR 2023. arXiv:2212.08013",
+    ),
+    Citation(
+        "Ciric",
+        "2017",
+        "Ciric R, Wolf DH, Power JD, Roalf DR, Baum GL, Ruparel K, Shinohara RT, Elliott MA, "
+        "Eickhoff SB, Davatzikos C, Gur RC, Gur RE, Bassett DS, Satterthwaite TD. Benchmarking of "
+        "participant-level confound regression strategies for the control of motion artifact in studies of "
+        "functional connectivity. NeuroImage. 2017;154:174-187. doi:10.1016/j.neuroimage.2017.03.020",
     ),
     Citation(
         "Dong",
@@ -143,6 +168,14 @@ CITATIONS: tuple[Citation, ...] = (
         "words: transformers for image recognition at scale. ICLR 2021. arXiv:2010.11929",
     ),
     Citation(
+        "Esteban",
+        "2019",
+        "Esteban O, Markiewicz CJ, Blair RW, Moodie CA, Isik AI, Erramuzpe A, Kent JD, Goncalves M, "
+        "DuPre E, Snyder M, Oya H, Ghosh SS, Wright J, Durnez J, Poldrack RA, Gorgolewski KJ. fMRIPrep: a "
+        "robust preprocessing pipeline for functional MRI. Nat Methods. 2019;16(1):111-116. "
+        "doi:10.1038/s41592-018-0235-4",
+    ),
+    Citation(
         "Fisch",
         "2024",
         "Fisch L, Zumdick S, Barkhau C, Emden D, Ernsting J, Leenings R, Sarink K, Winter NR, "
@@ -156,6 +189,12 @@ CITATIONS: tuple[Citation, ...] = (
         "Fonov V, Evans AC, Botteron K, Almli CR, McKinstry RC, Collins DL. Unbiased average "
         "age-appropriate atlases for pediatric studies. NeuroImage. 2011;54(1):313-327. "
         "doi:10.1016/j.neuroimage.2010.07.033",
+    ),
+    Citation(
+        "Friston",
+        "1996",
+        "Friston KJ, Williams S, Howard R, Frackowiak RS, Turner R. Movement-related effects in fMRI "
+        "time-series. Magn Reson Med. 1996;35(3):346-355. doi:10.1002/mrm.1910350312",
     ),
     Citation(
         "Gorgolewski",
@@ -187,11 +226,25 @@ CITATIONS: tuple[Citation, ...] = (
         ("Molder",),
     ),
     Citation(
+        "Muschelli",
+        "2014",
+        "Muschelli J, Nebel MB, Caffo BS, Barber AD, Pekar JJ, Mostofsky SH. Reduction of "
+        "motion-related artifacts in resting state fMRI using aCompCor. NeuroImage. 2014;96:22-35. "
+        "doi:10.1016/j.neuroimage.2014.03.028",
+    ),
+    Citation(
         "Pang",
         "2023",
         "Pang JC, Aquino KM, Oldehinkel M, Robinson PA, Fulcher BD, Breakspear M, Fornito A. "
         "Geometric constraints on human brain function. Nature. 2023;618:566-574. "
         "doi:10.1038/s41586-023-06098-1",
+    ),
+    Citation(
+        "Parkes",
+        "2018",
+        "Parkes L, Fulcher B, Yücel M, Fornito A. An evaluation of the efficacy, reliability, and "
+        "sensitivity of motion correction strategies for resting-state functional MRI. NeuroImage. "
+        "2018;171:415-436. doi:10.1016/j.neuroimage.2017.12.073",
     ),
     Citation(
         "Paszke",
@@ -214,11 +267,26 @@ CITATIONS: tuple[Citation, ...] = (
         "NeuroImage. 2012;59(3):2142-2154. doi:10.1016/j.neuroimage.2011.10.018",
     ),
     Citation(
+        "Power",
+        "2014",
+        "Power JD, Mitra A, Laumann TO, Snyder AZ, Schlaggar BL, Petersen SE. Methods to detect, "
+        "characterize, and remove motion artifact in resting state fMRI. NeuroImage. 2014;84:320-341. "
+        "doi:10.1016/j.neuroimage.2013.08.048",
+    ),
+    Citation(
         "Reuter",
         "2006",
         "Reuter M, Wolter F-E, Peinecke N. Laplace-Beltrami spectra as 'Shape-DNA' of "
         "surfaces and solids. Comput Aided Des. 2006;38(4):342-366. "
         "doi:10.1016/j.cad.2005.10.011",
+    ),
+    Citation(
+        "Satterthwaite",
+        "2013",
+        "Satterthwaite TD, Elliott MA, Gerraty RT, Ruparel K, Loughead J, Calkins ME, "
+        "Eickhoff SB, Hakonarson H, Gur RC, Gur RE, Wolf DH. An improved framework for confound regression "
+        "and filtering for control of motion artifact in the preprocessing of resting-state functional "
+        "connectivity data. NeuroImage. 2013;64:240-256. doi:10.1016/j.neuroimage.2012.08.052",
     ),
     Citation(
         "Schaefer",

@@ -110,11 +110,13 @@ def _run_metadata(path: Path) -> tuple[float, int]:
         raise BHInputError(sidecar, "JSON sidecar of the parcel time series is missing",
                            "rerun the functional stage for this run")
     meta = read_json(sidecar)
-    tr, n_vols = meta.get("RepetitionTime"), meta.get("NumberOfVolumes")
+    # The TSV's rows: NumberOfRows when frames were censored (the functional step writes both).
+    key = "NumberOfRows" if "NumberOfRows" in meta else "NumberOfVolumes"
+    tr, n_vols = meta.get("RepetitionTime"), meta.get(key)
     if not isinstance(tr, (int, float)) or not tr > 0:
         raise BHInputError(sidecar, f"RepetitionTime is {tr!r}", "write a positive RepetitionTime in seconds")
     if not isinstance(n_vols, int) or n_vols < 1:
-        raise BHInputError(sidecar, f"NumberOfVolumes is {n_vols!r}", "write the number of rows of the TSV")
+        raise BHInputError(sidecar, f"{key} is {n_vols!r}", "write the number of rows of the TSV")
     return float(tr), n_vols
 
 

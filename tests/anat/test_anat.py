@@ -37,6 +37,11 @@ OUTPUTS = {
     "out_tensor": "desc-encoder_T1w.npy",
     "out_qc_mask": "desc-brain_mask.png",
     "out_qc_registration": "space-MNI152NLin2009cAsym_T1w.png",
+    "out_gm_probseg": "space-MNI152NLin2009cAsym_res-2_label-GM_probseg.nii.gz",
+    "out_wm_probseg": "space-MNI152NLin2009cAsym_res-2_label-WM_probseg.nii.gz",
+    "out_csf_probseg": "space-MNI152NLin2009cAsym_res-2_label-CSF_probseg.nii.gz",
+    "out_dseg": "space-MNI152NLin2009cAsym_res-2_dseg.nii.gz",
+    "out_qc_segmentation": "space-MNI152NLin2009cAsym_desc-segmentation_T1w.png",
 }
 
 

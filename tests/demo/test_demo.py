@@ -230,18 +230,30 @@ def test_bold_is_generated_from_the_ground_truth_in_subject_space(cohort):
         assert truth.shape == (img.shape[3], 400)
         labels = _labels_in_grid(img, _affine(table.loc["sub-02"]), atlas)
         flat = data.reshape(-1, data.shape[3])
+        # The run also carries the planted noise: take out the written physiological courses, a quadratic
+        # trend (the drift), the true motion and its FD (head motion, spin history) before comparing.
+        noise = pd.read_csv(root / run["noise"], sep="\t")
+        motion = pd.read_csv(root / run["motion"], sep="\t").to_numpy()
+        fd = np.r_[0, np.abs(np.diff(motion[:, :3], axis=0)).sum(1) + 50 * np.abs(np.diff(motion[:, 3:], axis=0)).sum(1)]
+        t = np.linspace(-1, 1, img.shape[3])
+        design = np.column_stack([np.ones_like(t), t, t**2, noise[[c for c in noise if c.startswith("physio_")]],
+                                  motion, fd, np.r_[0, fd[:-1]]])
+
+        def clean(y: np.ndarray) -> np.ndarray:
+            return y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+
         r = []
         for parcel in range(1, 401):
             voxels = labels == parcel
             if voxels.sum() >= 2:
-                r.append(np.corrcoef(flat[voxels].mean(axis=0), truth[:, parcel - 1])[0, 1])
+                r.append(np.corrcoef(clean(flat[voxels].mean(axis=0)), clean(truth[:, parcel - 1]))[0, 1])
         assert len(r) > 350
         assert np.median(r) > 0.8
         # Through the wrong affine (identity pose) parcels pick up their neighbours'
         # (correlated) signal: clearly worse, so the recorded pose is the true one.
         wrong = _labels_in_grid(img, np.eye(4), atlas)
         r_wrong = [
-            np.corrcoef(flat[wrong == p].mean(axis=0), truth[:, p - 1])[0, 1]
+            np.corrcoef(clean(flat[wrong == p].mean(axis=0)), clean(truth[:, p - 1]))[0, 1]
             for p in range(1, 401) if (wrong == p).sum() >= 2
         ]
         assert np.median(r_wrong) < np.median(r) - 0.05
@@ -275,13 +287,120 @@ def test_true_series_have_network_covariance_and_resting_spectrum(cohort):
     assert np.corrcoef(np.mean(fcs, axis=0), group[upper])[0, 1] > 0.8
 
 
-def test_motion_ground_truth_is_small_and_smooth(cohort):
+def test_motion_ground_truth_is_a_bounded_drift_with_jerks(cohort):
     root, summary = cohort
-    for run in summary["runs"][:4]:
-        motion = pd.read_csv(root / run["motion"], sep="\t")
-        assert list(motion.columns) == list(demo.MOTION_COLUMNS)
-        assert np.allclose(motion.iloc[0], 0)
-        assert motion[["trans_x", "trans_y", "trans_z"]].abs().to_numpy().max() <= demo.MOTION_MAX_MM + 1e-6
+    levels, mean_fd = [], []
+    for site in summary["sites"]:
+        table = _subjects(root, site).set_index("participant_id")
+        for run in (r for r in summary["runs"] if r["site"] == site):
+            motion = pd.read_csv(root / run["motion"], sep="\t")
+            assert list(motion.columns) == list(demo.MOTION_COLUMNS)
+            assert np.allclose(motion.iloc[0], 0)
+            assert motion[["trans_x", "trans_y", "trans_z"]].abs().to_numpy().max() <= demo.DISPLACEMENT_MAX_MM + 1e-6
+            params = motion.to_numpy()
+            fd = np.abs(np.diff(params[:, :3], axis=0)).sum(1) + 50 * np.abs(np.diff(params[:, 3:], axis=0)).sum(1)
+            levels.append(table.loc[run["subject"], "motion_level"])
+            mean_fd.append(fd.mean())
+    # Subjects differ in how much they move, and the latent says who moves more.
+    from scipy.stats import spearmanr
+
+    assert max(levels) / min(levels) > 3
+    assert spearmanr(levels, mean_fd).statistic > 0.5
+    assert max(mean_fd) / min(mean_fd) > 2
+
+
+def _one_subject(site_index: int = 2, subject_index: int = 1):
+    """Geometry, latents, series and the rng factory of one demo subject (as _write_subject draws them)."""
+    ref = demo._reference()
+    site = demo.SITES[site_index]
+    latents = demo._cohort_latents(seed=SEED, subjects_per_site=N)[site.name][subject_index]
+    stream = lambda k: demo._rng(SEED, site_index, subject_index + 1, k)  # noqa: E731
+    series = demo._parcel_series(ref=ref, latents=latents, site=site, rng=stream(2))
+    return ref, site, latents, demo._bold_geometry(ref=ref, latents=latents), series, stream
+
+
+def _bold(geometry, series, site, latents, stream) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(S, T) support voxels of the synthesised run, its motion and nuisance table (fixed seeds)."""
+    rng = stream(2)
+    demo._parcel_series(ref=demo._reference(), latents=latents, site=site, rng=rng)  # advance like the writer
+    img, motion, nuisance = demo._synthesize_bold(geometry=geometry, series_pct=series, site=site, rng=rng,
+                                                  latents=latents, noise_rng=stream(demo.NOISE_STREAM + 1))
+    data = np.asarray(img.dataobj, dtype=np.float64).reshape(-1, img.shape[3], order="F")
+    return data[geometry.support], motion, nuisance
+
+
+def test_planted_noise_has_the_recorded_amplitudes_and_places(monkeypatch):
+    """Each noise term, isolated by switching it off with every random draw unchanged."""
+    ref, site, latents, geometry, series, stream = _one_subject()
+    full, motion, nuisance = _bold(geometry, series, site, latents, stream)
+    gain = site.bold_gain
+    base = geometry.base * gain                                                      # (S,) int16 units
+
+    # Physiology: shared by WM and CSF, leaking into GM, with the written courses and amplitude.
+    no_physio, _, _ = _bold(geometry, series, site, dataclasses.replace(latents, physio_pct=0.0), stream)
+    physio = (full - no_physio) / base[:, None] * 100                                # % of baseline
+    courses = nuisance[[c for c in nuisance.columns if c.startswith("physio_")]].to_numpy()
+    assert courses.shape[1] == len(demo.PHYSIO_LOADINGS)
+    np.testing.assert_allclose(courses.std(axis=0), 1.0, atol=1e-3)
+    predicted = (geometry.physio_weights / geometry.base[:, None]) @ courses.T * latents.physio_pct
+    strong = np.abs(predicted).std(axis=1) > 0.3
+    assert np.corrcoef(physio[strong].ravel(), predicted[strong].ravel())[0, 1] > 0.95
+    weights = geometry.physio_weights / geometry.base[:, None]                      # (S, K) loading per voxel
+    cortex = np.asarray(geometry.parcel_weights.sum(axis=1)).ravel() * 100 / geometry.base   # atlas fraction
+    csf_like, gm_like = weights[:, 0] > 0.8, cortex > 0.9                           # (CSF loads source 0 at 1.0)
+    assert csf_like.sum() > 20 and gm_like.sum() > 100
+    assert physio[csf_like].std() > 1.3 * physio[gm_like].std() > 0                 # CSF strong, GM a leak
+
+    # Spin history: scales with the voxel's own displacement (FD), stronger at the brain's edge.
+    monkeypatch.setattr(demo, "SPIN_HISTORY_PCT_PER_MM", 0.0)
+    no_spin, _, _ = _bold(geometry, series, site, latents, stream)
+    monkeypatch.undo()
+    spin = (full - no_spin) / base[:, None] * 100                                   # % (negative: a loss)
+    fd = np.r_[0, np.abs(np.diff(motion[:, :3], axis=0)).sum(1) + 50 * np.abs(np.diff(motion[:, 3:], axis=0)).sum(1)]
+    assert np.corrcoef(-spin.mean(axis=0), fd)[0, 1] > 0.8
+    edge = geometry.edge_weights / geometry.base
+    assert np.abs(spin[edge > 0.9]).mean() > 2 * np.abs(spin[edge < 0.3]).mean()
+    drive = demo._spin_history(motion=motion, centres=geometry.centres)
+    expected = -demo.SPIN_HISTORY_PCT_PER_MM * edge[:, None] * drive
+    bright = base > 100                                    # dim edge voxels can clip at 0 in int16
+    assert bright.mean() > 0.8
+    assert np.abs(spin - expected)[bright].max() < 100 / 100 + 1e-6                 # int16 rounding only
+
+    # Drift: slow, the written course, the recorded amplitude.
+    no_drift, _, _ = _bold(geometry, series, site, dataclasses.replace(latents, drift_pct=0.0), stream)
+    drift = ((full - no_drift) / base[:, None] * 100).mean(axis=0)
+    np.testing.assert_allclose(np.abs(nuisance["drift_pct"]).max(), latents.drift_pct)
+    assert np.corrcoef(drift, nuisance["drift_pct"])[0, 1] > 0.99
+    assert np.abs(np.diff(drift, 2)).max() < 0.05                                  # smooth
+
+
+def test_spin_history_drive_is_each_voxels_own_displacement():
+    centres = np.array([[0.0, 0.0, 0.0], [0.0, 80.0, 0.0]])
+    motion = np.zeros((6, 6))
+    motion[2, 0] = 1.0                      # a 1 mm shift in x for frame 2 only
+    motion[4, 5] = 0.01                     # a 0.01 rad turn about z for frame 4 only
+    drive = demo._spin_history(motion=motion, centres=centres)
+    np.testing.assert_allclose(drive[0, :4], [0, 0, 1.0, 1.0 + 0.5])               # in, out (plus recovery)
+    assert drive[0, 4] == pytest.approx(0.25 + 0.5)                                 # recovery only at the axis
+    assert drive[1, 4] > drive[0, 4] + 0.7                                          # 80 mm away: 0.8 mm moved
+
+
+def test_tissue_truth_is_the_template_with_the_subjects_ventricles(cohort):
+    root, _ = cohort
+    table = _subjects(root, "siteA")
+    for column in ("gm_ml", "wm_ml", "csf_ml", "motion_level", "physio_pct", "drift_pct",
+                   "spin_history_pct_per_mm"):
+        assert column in table and table[column].notna().all(), column
+    patients = table["diagnosis"] == "patient"
+    assert table.loc[patients, "csf_ml"].min() > table.loc[~patients, "csf_ml"].max()    # dilated ventricles
+    latents = demo._cohort_latents(seed=SEED, subjects_per_site=N)["siteA"][0]
+    maps, affine = demo.tissue_truth(latents)
+    total = maps["GM"] + maps["WM"] + maps["CSF"]
+    ref = demo._reference()
+    assert np.allclose(total[ref.brain], 1.0, atol=1e-5)                            # fractions inside the brain
+    assert maps["CSF"][~ref.brain].sum() > 0 and maps["GM"][~ref.brain].sum() == 0  # the CSF shell
+    assert table["gm_ml"].iloc[0] == pytest.approx(maps["GM"][ref.brain].sum() / 1000, rel=1e-5)
+    assert 900 < table["gm_ml"].iloc[0] < 1100 and 600 < table["wm_ml"].iloc[0] < 750
 
 
 # --------------------------------------------------------------------------- labels

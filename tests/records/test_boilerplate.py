@@ -93,13 +93,13 @@ def test_a_module_that_fails_to_import_is_named_not_skipped(monkeypatch):
 def test_a_failing_methods_hook_is_named(monkeypatch):
     import pytest
 
-    from bh_models.func import confounds
+    from bh_models.func import denoise
 
     def broken(*, config):
         raise KeyError("func")
 
-    monkeypatch.setattr(confounds, "describe_methods", broken)
-    with pytest.raises(boilerplate.BoilerplateError, match=r"bh_models\.func\.confounds\.describe_methods failed "
+    monkeypatch.setattr(denoise, "describe_methods", broken)
+    with pytest.raises(boilerplate.BoilerplateError, match=r"bh_models\.func\.denoise\.describe_methods failed "
                                                             r"\(KeyError"):
         boilerplate.build_boilerplate(config=CONFIG)
 

@@ -110,6 +110,15 @@ def test_make_samples_writes_byte_identical_table(tmp_path: Path) -> None:
     assert out.with_suffix(".json").read_bytes() == again.with_suffix(".json").read_bytes()
 
 
+def test_a_censored_run_is_planned_from_its_rows(tmp_path: Path) -> None:
+    """A scrubbed run's TSV has NumberOfRows (kept frames) < NumberOfVolumes: the plan must use the rows."""
+    path = write_sidecar(tmp_path, "sub-01_task-rest", 0.8, 100)
+    path.with_name(path.name.replace(".tsv", ".json")).write_text(
+        json.dumps({"RepetitionTime": 0.8, "NumberOfVolumes": 100, "NumberOfRows": 88}))
+    make_samples(timeseries=[path], dataset="d", out_samples=tmp_path / "s.tsv", tr_factors=[1], seed=0)
+    assert read_samples_table(tmp_path / "s.tsv")["source_frames"].tolist() == [88]
+
+
 def test_make_samples_rejects_bad_sidecar_and_factors(tmp_path: Path) -> None:
     path = write_sidecar(tmp_path, "sub-01_task-rest", 0.0, 100)
     with pytest.raises(BHInputError, match="RepetitionTime"):

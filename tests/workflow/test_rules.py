@@ -33,8 +33,9 @@ def _ants(config):
     config["anat"]["skullstrip"] = "ants"
 
 
-def _fd_threshold(config):
-    config["func"]["fd_threshold"] = 0.5
+def _scrubbing(config):
+    config["func"]["denoise"] = "scrubbing"
+    config["func"]["gsr"] = True
 
 
 def _one_dataset(config):
@@ -55,7 +56,7 @@ VARIANTS = {
                         {"finetune_folds_pooled", "finetune_pooled", "evaluate_pooled"}, set()),
     "networks-7": (_networks_7, {"func_preprocess"}, set()),
     "ants-skullstrip": (_ants, {"anat_preprocess"}, set()),
-    "fd-threshold": (_fd_threshold, {"func_preprocess"}, set()),
+    "scrubbing-gsr": (_scrubbing, {"func_preprocess"}, set()),
     "one-dataset": (_one_dataset, {"pretrain_fmri", "extract_embeddings", "evaluate_dataset"}, {"evaluate_pooled"}),
     "three-datasets-two-downstream": (_two_downstream, {"evaluate_pooled"}, set()),
 }
