@@ -74,7 +74,14 @@ def test_demo_run_audits_clean(reference_run):
 
 
 def test_ground_truth_recovery(reference_run, demo_root):
-    """Median r between recovered and (filtered) true parcel series >= 0.9 in every run."""
+    """Recovered against true parcel series (filtered alike): median r >= 0.88 over runs, >= 0.8 in
+    every run.
+
+    The demo's runs carry motion, physiological and drift noise that the default strategy
+    (none + GSR, chosen by benchmarks/bench_denoise.py) partly leaves in: on the demo the
+    benchmark measures a median of 0.910 and a lowest run of 0.847 for it (README,
+    "Denoising"). The noiseless demo used to pass 0.9 in every run.
+    """
     config = json.loads(json.dumps(__import__("yaml").safe_load((reference_run / "config.yaml").read_text())))
     pairs = []
     for site in config["datasets"]:
@@ -91,7 +98,7 @@ def test_ground_truth_recovery(reference_run, demo_root):
     print(table.to_string())
     assert len(table) >= 12
     assert (table["n_parcels"] == 400).all()
-    assert (table["median_r"] >= 0.9).all(), table
+    assert table["median_r"].median() >= 0.88 and (table["median_r"] >= 0.8).all(), table
 
 
 def test_demo_subjects_pass_registration_thresholds(reference_run):
