@@ -89,7 +89,7 @@ PAPER_SETTINGS: dict[str, Any] = {
     "atlas.name": "Schaefer2018", "atlas.parcels": 400, "atlas.networks": 17, "augment.tau": 35.28,
     "augment.max_patches": 18, "template.name": None, "template.resolution": None,
     "anat.tensor_grid": [160, 192, 160], "func.detrend": None, "func.high_pass": None, "func.low_pass": None,
-    "func.standardize": None,
+    "func.standardize": None, "func.denoise": None, "func.gsr": None,
 }
 N_ROIS, N_PATCHES = 400, 18
 #: Tolerance of the checks of the release's fixed tables against ours (float32 sin-cos).
