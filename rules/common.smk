@@ -10,7 +10,6 @@ from bh_models.models.bundle import CHECKPOINTS, bundle_paths, check_settings, r
 from bh_models.bids.cohort import plan_cohort
 from bh_models.core.config import check_config, downstream_datasets, load_yaml, pretraining_datasets
 from bh_models.core.errors import BHConfigError, BHInputError
-from bh_models.core.exclusions import failed_subjects
 
 try:
     for _configfile in workflow.configfiles:
@@ -31,6 +30,7 @@ MODELS = f"{RESULTS}/models"
 EMBEDDINGS = f"{RESULTS}/embeddings"
 EVAL = f"{RESULTS}/evaluation"
 QC = f"{RESULTS}/qc"
+BATCHES = f"{RESULTS}/batches"
 STEP = "../workflow/scripts/step.py"
 ENV = "../envs/bh.yaml"
 SEED = config["seed"]
@@ -45,10 +45,15 @@ SURFACE = "tpl-fsLR_den-32k"
 GEOMETRY_MATRIX = f"{GEOMETRY}/{SURFACE}_{ATLAS.format(networks=NETWORKS)}_desc-LBO_embedding.tsv"
 
 try:
-    COHORT = plan_cohort(config, failed=failed_subjects(results_dir=Path(RESULTS)))
+    COHORT = plan_cohort(config)
 except (BHConfigError, BHInputError) as _exc:
     sys.exit(f"error: {_exc}")
 DATASETS = list(COHORT)
+# Subject batches: one anatomical and one functional job per non-empty bucket of a
+# dataset (bh_models.core.batches); units and batches are computed once per parse.
+BUCKETS = config["batches"]["buckets"]
+UNITS = {d: {"anat": COHORT[d].anat_units(), "func": COHORT[d].func_units()} for d in DATASETS}
+BATCH_PLAN = {d: COHORT[d].batches(BUCKETS) for d in DATASETS}
 # Roles: pretraining datasets feed the store and the three pretraining jobs;
 # downstream datasets are encoded by the frozen models of the bundle and evaluated.
 PRETRAIN = pretraining_datasets(config)
@@ -67,8 +72,7 @@ if EXTERNAL_BUNDLE:
 wildcard_constraints:
     # The configured names only, so that evaluation/pooled_* never reads as a dataset.
     dataset="|".join(re.escape(name) for name in DATASETS) or "[A-Za-z0-9_-]+",
-    subject="[A-Za-z0-9]+",
-    bold="sub-[A-Za-z0-9]+(_[a-z]+-[A-Za-z0-9]+)*",
+    batch="[0-9]+",
 
 
 def log_path(rule_name, *parts):
@@ -76,19 +80,88 @@ def log_path(rule_name, *parts):
     return f"{RESULTS}/logs/{rule_name}/" + "_".join(parts) + ".log"
 
 
-def anat_path(name):
-    """Path of a per-subject anat derivative; `name` follows sub-{subject}_."""
-    return f"{PREPROC}/{{dataset}}/sub-{{subject}}/anat/sub-{{subject}}_{name}"
+def anat_path(dataset, name):
+    """Template of a per-unit anat derivative (BIDS-derivatives name); the batch runner fills
+    {folder} (sub-<label>[/ses-<label>]) and {prefix} (the unit's entities)."""
+    return f"{PREPROC}/{dataset}/{{folder}}/anat/{{prefix}}_{name}"
 
 
-def func_path(name):
-    """Path of a per-run func derivative; `name` follows {bold}_."""
-    return f"{PREPROC}/{{dataset}}/sub-{{subject}}/func/{{bold}}_{name}"
+def func_path(dataset, name):
+    """Template of a per-run func derivative; {prefix} is the run's BOLD stem."""
+    return f"{PREPROC}/{dataset}/{{folder}}/func/{{prefix}}_{name}"
 
 
-def figure_path(name):
-    """Per-subject QC figure (fMRIPrep-style sub-<label>/figures/ folder)."""
-    return f"{PREPROC}/{{dataset}}/sub-{{subject}}/figures/{name}"
+def figure_path(dataset, name):
+    """Template of a per-unit QC figure (fMRIPrep-style sub-<label>/figures/ folder)."""
+    return f"{PREPROC}/{dataset}/sub-{{subject}}/figures/{{prefix}}_{name}"
+
+
+def anat_outputs(dataset):
+    """The anatomical unit step's outputs (preprocess_anat's out_* names), as templates."""
+    return {
+        "out_t1w": anat_path(dataset, "desc-preproc_T1w.nii.gz"),
+        "dep_sidecar": anat_path(dataset, "desc-preproc_T1w.json"),
+        "out_mask": anat_path(dataset, "desc-brain_mask.nii.gz"),
+        "out_mni_t1w": anat_path(dataset, f"space-{SPACE}_res-{RES}_desc-preproc_T1w.nii.gz"),
+        "out_mni_mask": anat_path(dataset, f"space-{SPACE}_res-{RES}_desc-brain_mask.nii.gz"),
+        "out_forward": anat_path(dataset, f"from-T1w_to-{SPACE}_mode-image_xfm.h5"),
+        "out_inverse": anat_path(dataset, f"from-{SPACE}_to-T1w_mode-image_xfm.h5"),
+        "out_tensor": anat_path(dataset, f"space-{SPACE}_res-{RES}_desc-encoder_T1w.npy"),
+        "out_qc_mask": figure_path(dataset, "desc-brainmask_T1w.png"),
+        "out_qc_registration": figure_path(dataset, f"space-{SPACE}_desc-registration_T1w.png"),
+    }
+
+
+def func_outputs(dataset):
+    """The functional unit step's outputs (preprocess_bold's out_* names), as templates."""
+    series = f"space-{SPACE}_{ATLAS.format(networks=NETWORKS)}_timeseries"
+    return {
+        "out_timeseries": func_path(dataset, f"{series}.tsv"),
+        "dep_sidecar": func_path(dataset, f"{series}.json"),
+        "out_confounds": func_path(dataset, "desc-confounds_timeseries.tsv"),
+        "out_carpet": figure_path(dataset, "desc-carpet_bold.png"),
+    }
+
+
+# The functional step's anatomical inputs: its parameter name -> the anat output it reads.
+FUNC_NEEDS = {"t1w": "out_t1w", "t1w_mask": "out_mask", "t1w_to_mni": "out_forward", "mni_mask": "out_mni_mask"}
+
+
+def batch_units(wildcards, kind):
+    """The units of one batch job (bh_models.core.batches.run_units); a BOLD run's unit also names
+    the anatomical files it reads, from its anatomical unit's output templates."""
+    units = UNITS[wildcards.dataset][kind]
+    keys = BATCH_PLAN[wildcards.dataset][wildcards.batch][kind]
+    if kind == "anat":
+        return [units[key] for key in keys]
+    anat_units, templates = UNITS[wildcards.dataset]["anat"], anat_outputs(wildcards.dataset)
+    out = []
+    for key in keys:
+        needed = anat_units[units[key]["needs"]]
+        fields = {"subject": needed["subject"], "folder": needed["folder"], "prefix": needed["prefix"]}
+        anat = {name: templates[output].format(**fields) for name, output in FUNC_NEEDS.items()}
+        out.append({**units[key], "inputs": {**units[key]["inputs"], **anat}})
+    return out
+
+
+def batch_raw(wildcards, kind):
+    """The raw files of one batch (declared so that Snakemake reruns a batch whose raw data changed)."""
+    files = []
+    for unit in batch_units(wildcards, kind):
+        for name, value in unit["inputs"].items():
+            if kind == "anat" or name == "bold":
+                files += value if isinstance(value, list) else [value]
+    return files
+
+
+def batch_labels(dataset, kind):
+    """Labels of the dataset's batches with units of this kind."""
+    return [label for label, units in BATCH_PLAN[dataset].items() if units[kind]]
+
+
+def batch_threads(wildcards, kind):
+    """Units run at once in a batch job: batches.workers, never more than the batch has units."""
+    return max(1, min(config["batches"]["workers"], len(BATCH_PLAN[wildcards.dataset][wildcards.batch][kind])))
 
 
 def caption(name):
@@ -103,27 +176,49 @@ def bids_file(wildcards, name):
     return str(COHORT[wildcards.dataset].bids_root / name)
 
 
-def bold_entry(wildcards):
-    return COHORT[wildcards.dataset].bold[wildcards.bold]
-
-
 def participants_tsv(wildcards):
     """``{"participants": path}`` when the dataset has a participants.tsv (for ``unpack``)."""
     path = COHORT[wildcards.dataset].bids_root / "participants.tsv"
     return {"participants": str(path)} if path.is_file() else {}
 
 
-def per_subject(output, dataset):
-    """One anat output for every T1w subject of a dataset."""
-    return expand(output, dataset=dataset, subject=COHORT[dataset].anat_subjects)
+# The batch jobs' declared outputs (rules anat_preprocess and func_preprocess).
+MANIFEST = {kind: f"{BATCHES}/{{dataset}}/batch-{{batch}}_desc-{kind}_manifest.tsv" for kind in ("anat", "func")}
+BATCH_QC = {kind: f"{QC}/batches/{{dataset}}/batch-{{batch}}_desc-{kind}_qc.html" for kind in ("anat", "func")}
 
 
-def per_run(output, dataset):
-    """One func output for every BOLD run of a dataset."""
-    plan = COHORT[dataset]
-    stems = plan.bold_stems
-    return expand(output, zip, dataset=[dataset] * len(stems),
-                  subject=[plan.bold[stem]["subject"] for stem in stems], bold=stems)
+def anat_manifests(dataset):
+    """The manifests of a dataset's anatomical batches (consumers take them as listed_* inputs)."""
+    return expand(MANIFEST["anat"], dataset=dataset, batch=batch_labels(dataset, "anat"))
+
+
+def func_manifests(dataset):
+    """The manifests of a dataset's functional batches."""
+    return expand(MANIFEST["func"], dataset=dataset, batch=batch_labels(dataset, "func"))
+
+
+def outdate_stale_batches():
+    """Rerun the batches whose manifest lists a per-unit file that is gone (e.g. a deleted time series).
+
+    Snakemake cannot see those files (a batch declares only its manifest), so the planning
+    process dates such a manifest back to 1970 (bh_models.core.batches.outdate): its raw
+    inputs are then newer, Snakemake reruns the batch, which redoes only the missing units,
+    and everything downstream of the manifest follows. Jobs that re-parse the workflow
+    (cluster jobs) skip this: the planning process decided.
+    """
+    from bh_models.core.batches import outdate, stale_manifests
+
+    if not workflow.is_main_process:
+        return
+    stale = stale_manifests(manifests=[m for d in DATASETS for m in anat_manifests(d) + func_manifests(d)])
+    for manifest in stale:
+        outdate(manifest)
+    if stale:
+        print(f"note: {len(stale)} batch(es) list per-subject files that are gone and will run again: "
+              + ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else ""), file=sys.stderr)
+
+
+outdate_stale_batches()
 
 
 def training(model):
@@ -174,3 +269,13 @@ def pooled_evaluation():
 
 def all_targets():
     return final_targets() + [*rules.audit.output]
+
+
+def batch_resource(wildcards, rule, key, threads, attempt):
+    """mem_mb / runtime of a batch job from the measured per-unit costs (bh_models/core/costs.tsv),
+    with headroom, times the attempt (retries get more)."""
+    from bh_models.core.costs import batch_resources
+
+    kind = "anat" if rule.startswith("anat") else "func"
+    units = len(BATCH_PLAN[wildcards.dataset][wildcards.batch][kind])
+    return batch_resources(rule=rule, units=units, workers=threads, attempt=attempt, config=config)[key]

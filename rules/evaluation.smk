@@ -14,7 +14,7 @@ rule evaluate_dataset:
         fused=rules.extract_embeddings.output.out_embeddings,
         fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
         t1_only=rules.extract_embeddings.output.out_t1_embeddings,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
         participants=lambda w: bids_file(w, "participants.tsv"),
         **(dict(latents=rules.extract_latents.output.out_latents, harmonizer_checkpoint=HARMONIZER_CHECKPOINT)
            if FINETUNE else {}),
@@ -54,7 +54,8 @@ rule evaluate_pooled:
         fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=DOWNSTREAM),
         fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=DOWNSTREAM),
         t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
-        timeseries=lambda w: [p for d in DOWNSTREAM for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        # The runner passes the listed series and, as timeseries_datasets, each one's dataset.
+        listed_timeseries=lambda w: [p for d in DOWNSTREAM for p in func_manifests(d)],
         participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
         **(dict(latents=expand(rules.extract_latents.output.out_latents, dataset=DOWNSTREAM),
                 harmonizer_checkpoint=HARMONIZER_CHECKPOINT) if FINETUNE else {}),
@@ -71,8 +72,6 @@ rule evaluate_pooled:
     params:
         step="bh_models.evaluation.evaluate:evaluate_pooled",
         datasets=DOWNSTREAM,
-        timeseries_datasets=lambda w: [d for d in DOWNSTREAM
-                                       for _ in per_run(rules.func_preprocess.output.out_timeseries, d)],
         tasks={d: config["datasets"][d]["targets"] for d in DOWNSTREAM},
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],

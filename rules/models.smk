@@ -123,8 +123,8 @@ rule extract_embeddings:
     input:
         **bundle_inputs(),
         samples=rules.augment_samples.output.out_samples,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
     output:
         out_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-hub_embeddings.tsv",
         out_fmri_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-harmonixF_embeddings.tsv",
@@ -151,8 +151,8 @@ rule extract_latents:
     input:
         **bundle_inputs(),
         samples=rules.augment_samples.output.out_samples,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
     output:
         out_latents=f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens.pt",
     params:

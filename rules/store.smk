@@ -7,7 +7,7 @@
 
 rule augment_samples:
     input:
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
     output:
         out_samples=f"{STORE}/samples/{{dataset}}_samples.tsv",
     params:
@@ -33,7 +33,7 @@ rule make_splits:
     input:
         unpack(participants_tsv),
         samples=rules.augment_samples.output.out_samples,
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
     output:
         out_splits=f"{STORE}/splits/{{dataset}}_splits.tsv",
     params:
@@ -58,7 +58,7 @@ rule make_splits:
 rule pack_fmri:
     input:
         samples=rules.augment_samples.output.out_samples,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
         splits=rules.make_splits.output.out_splits,
     output:
         out_dir=directory(f"{STORE}/fmri/{{dataset}}"),
@@ -79,7 +79,7 @@ rule pack_fmri:
 
 rule pack_t1:
     input:
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
         splits=rules.make_splits.output.out_splits,
     output:
         out_dir=directory(f"{STORE}/t1/{{dataset}}"),

@@ -1,9 +1,13 @@
-"""The cohort plan: which subjects and runs each stage processes.
+"""The cohort plan: which units each stage processes, and in which batch.
 
 Built once per Snakemake parse from config.yaml and the fast BIDS index, so the
-rules only look names up. Problems found here (bad labels, runs without a TR,
-BOLD without a T1w, subjects excluded by config or by an earlier failed job) are
-kept in one table with the reason, which becomes the exclusion table.
+rules only look names up. A **unit** is what one step call processes: an
+anatomical unit (a subject's T1w) or a functional unit (one BOLD run, which
+needs its subject's anatomical unit). Units are grouped into stable batches by
+subject (:func:`bh_models.core.batches.bucket_of`), one anatomical and one
+functional job per batch. Problems found here (bad labels, runs without a TR,
+BOLD without a T1w, subjects excluded by config) are kept in one table with the
+reason, and those units are left out before any job runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from bh_models.bids.index import BidsIndex, Filters, bold_stem, index_dataset
+from bh_models.core.batches import batch_label, bucket_of
 from bh_models.core.jsonio import write_tsv
 
 
@@ -36,8 +41,38 @@ class DatasetPlan:
     def bold_stems(self) -> list[str]:
         return sorted(self.bold)
 
+    def anat_units(self) -> dict[str, dict]:
+        """Anatomical units by key (``sub-<label>``): subject, folder, prefix, inputs (the raw T1w)."""
+        return {f"sub-{subject}": {"key": f"sub-{subject}", "subject": subject, "session": "", "run": "",
+                                   "folder": f"sub-{subject}", "prefix": f"sub-{subject}",
+                                   "inputs": {"t1w": path}, "params": {}}
+                for subject, path in sorted(self.t1w.items())}
 
-def plan_dataset(name: str, entry: dict, *, base_dir: Path = Path("."), failed: set[str] = frozenset()) -> DatasetPlan:
+    def func_units(self) -> dict[str, dict]:
+        """Functional units by BOLD stem: inputs (the raw BOLD), per-run params, and the anatomical unit needed."""
+        units = {}
+        for stem in self.bold_stems:
+            entry = self.bold[stem]
+            units[stem] = {"key": stem, "subject": entry["subject"], "session": "", "run": stem,
+                           "folder": f"sub-{entry['subject']}", "prefix": stem, "inputs": {"bold": entry["path"]},
+                           "params": {"tr_sidecar": entry["tr"]}, "needs": f"sub-{entry['subject']}"}
+        return units
+
+    def batches(self, buckets: int) -> dict[str, dict[str, list[str]]]:
+        """Batch label -> ``{"anat": [unit keys], "func": [unit keys]}``, non-empty batches only, sorted.
+
+        A subject's units always share its bucket, so a functional batch needs only
+        the anatomical batch of the same label.
+        """
+        out: dict[str, dict[str, list[str]]] = {}
+        for kind, units in (("anat", self.anat_units()), ("func", self.func_units())):
+            for key, unit in units.items():
+                label = batch_label(bucket_of(unit["subject"], buckets), buckets)
+                out.setdefault(label, {"anat": [], "func": []})[kind].append(key)
+        return dict(sorted(out.items()))
+
+
+def plan_dataset(name: str, entry: dict, *, base_dir: Path = Path(".")) -> DatasetPlan:
     """Index a dataset and decide what runs.
 
     Parameters
@@ -46,12 +81,9 @@ def plan_dataset(name: str, entry: dict, *, base_dir: Path = Path("."), failed: 
         The dataset's key and its (default-filled) config entry.
     base_dir
         Folder relative ``bids_root`` paths start from.
-    failed
-        Subjects with an exclusion record from an earlier failed job; they are
-        left out so the cohort-level steps can complete without them.
     """
     root = (base_dir / entry["bids_root"]).resolve()
-    exclude = set(entry.get("exclude_subjects", [])) | set(failed)
+    exclude = set(entry.get("exclude_subjects", []))
     index = index_dataset(
         root, dataset=name, filters=Filters.from_config(entry.get("filters")),
         tr_override=entry.get("tr_override"), exclude_subjects=exclude,
@@ -73,13 +105,9 @@ def plan_dataset(name: str, entry: dict, *, base_dir: Path = Path("."), failed: 
     return DatasetPlan(name=name, bids_root=root, index=index, t1w=t1w, bold=bold, problems=problems)
 
 
-def plan_cohort(config: dict, *, base_dir: Path = Path("."), failed: dict[str, set[str]] | None = None) -> dict[str, DatasetPlan]:
+def plan_cohort(config: dict, *, base_dir: Path = Path(".")) -> dict[str, DatasetPlan]:
     """One :class:`DatasetPlan` per configured dataset, in config order."""
-    failed = failed or {}
-    return {
-        name: plan_dataset(name, entry, base_dir=base_dir, failed=failed.get(name, set()))
-        for name, entry in config["datasets"].items()
-    }
+    return {name: plan_dataset(name, entry, base_dir=base_dir) for name, entry in config["datasets"].items()}
 
 
 def write_index(
