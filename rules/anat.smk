@@ -6,7 +6,9 @@
 
 rule anat_preprocess:
     input:
-        dep_raw=lambda w: batch_raw(w, "anat"),
+        # The raw files are tracked through batch_raw_signature (a param); this input only
+        # gives a dated-back manifest (a batch with deleted files) something newer than it.
+        dep_dataset=lambda w: bids_file(w, "dataset_description.json"),
     output:
         out_manifest=MANIFEST["anat"],
         out_qc=report(BATCH_QC["anat"],
@@ -16,6 +18,7 @@ rule anat_preprocess:
         step="bh_models.anat.preprocess:preprocess_anat",
         batch_units=lambda w: batch_units(w, "anat"),
         batch_outputs=lambda w: anat_outputs(w.dataset),
+        batch_raw_signature=lambda w: batch_raw_signature(w, "anat"),
         batch_figures=["out_qc_mask", "out_qc_registration"],
         skullstrip_method=config["anat"]["skullstrip"],
         type_of_transform=config["anat"]["type_of_transform"],

@@ -127,31 +127,45 @@ def func_outputs(dataset):
 FUNC_NEEDS = {"t1w": "out_t1w", "t1w_mask": "out_mask", "t1w_to_mni": "out_forward", "mni_mask": "out_mni_mask"}
 
 
+_BATCH_UNITS = {}
+
+
 def batch_units(wildcards, kind):
     """The units of one batch job (bh_models.core.batches.run_units); a BOLD run's unit also names
-    the anatomical files it reads, from its anatomical unit's output templates."""
-    units = UNITS[wildcards.dataset][kind]
-    keys = BATCH_PLAN[wildcards.dataset][wildcards.batch][kind]
-    if kind == "anat":
-        return [units[key] for key in keys]
-    anat_units, templates = UNITS[wildcards.dataset]["anat"], anat_outputs(wildcards.dataset)
-    out = []
-    for key in keys:
-        needed = anat_units[units[key]["needs"]]
-        fields = {"subject": needed["subject"], "folder": needed["folder"], "prefix": needed["prefix"]}
-        anat = {name: templates[output].format(**fields) for name, output in FUNC_NEEDS.items()}
-        out.append({**units[key], "inputs": {**units[key]["inputs"], **anat}})
-    return out
+    the anatomical files it reads, from its anatomical unit's output templates. Built once per batch."""
+    key = (wildcards.dataset, wildcards.batch, kind)
+    if key not in _BATCH_UNITS:
+        units = UNITS[wildcards.dataset][kind]
+        keys = BATCH_PLAN[wildcards.dataset][wildcards.batch][kind]
+        if kind == "anat":
+            _BATCH_UNITS[key] = [units[k] for k in keys]
+        else:
+            anat_units, templates = UNITS[wildcards.dataset]["anat"], anat_outputs(wildcards.dataset)
+            out = []
+            for k in keys:
+                needed = anat_units[units[k]["needs"]]
+                fields = {"subject": needed["subject"], "folder": needed["folder"], "prefix": needed["prefix"]}
+                anat = {name: templates[output].format(**fields) for name, output in FUNC_NEEDS.items()}
+                out.append({**units[k], "inputs": {**units[k]["inputs"], **anat}})
+            _BATCH_UNITS[key] = out
+    return _BATCH_UNITS[key]
 
 
-def batch_raw(wildcards, kind):
-    """The raw files of one batch (declared so that Snakemake reruns a batch whose raw data changed)."""
+def batch_raw_signature(wildcards, kind):
+    """sha256 of the path, size and modification time of every raw file of a batch.
+
+    A param, not 70 declared inputs per batch: Snakemake's per-file work on 140,000 raw
+    inputs was half of the planning time at UK Biobank scale. A raw file that changes
+    (or appears, or vanishes) changes the param, and Snakemake reruns the batch; the
+    units whose input sha256 is unchanged are skipped inside it.
+    """
+    from bh_models.core.batches import raw_signature
+
     files = []
     for unit in batch_units(wildcards, kind):
-        for name, value in unit["inputs"].items():
-            if kind == "anat" or name == "bold":
-                files += value if isinstance(value, list) else [value]
-    return files
+        value = unit["inputs"]["t1w" if kind == "anat" else "bold"]
+        files += value if isinstance(value, list) else [value]
+    return raw_signature(files)
 
 
 def batch_labels(dataset, kind):
@@ -255,16 +269,24 @@ def final_targets():
     return targets
 
 
-def pooled_evaluation():
-    """Evaluate the downstream datasets together: asked for, two or more of them, and a task they share."""
-    from bh_models.evaluation.evaluate import pooled_tasks
-    from bh_models.evaluation.targets import parse_tasks
+def _pooled_evaluation():
+    """Evaluate the downstream datasets together: asked for, two or more of them, and a task they share
+    (configured identically in each; bh_models.evaluation.evaluate.pooled_tasks decides which)."""
+    from bh_models.evaluation.targets import parse_tasks  # light: the evaluation stage's modules load torch
 
     if not config["evaluate"]["pooled"] or len(DOWNSTREAM) < 2:
         return False
     tasks = {d: parse_tasks(tasks=config["datasets"][d]["targets"], config_key=f"datasets.{d}.targets")
              for d in DOWNSTREAM}
-    return bool(pooled_tasks(tasks=tasks))
+    first, *others = DOWNSTREAM
+    return any(all(spec in tasks[other] for other in others) for spec in tasks[first])
+
+
+POOLED = _pooled_evaluation()
+
+
+def pooled_evaluation():
+    return POOLED
 
 
 def all_targets():

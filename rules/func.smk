@@ -6,7 +6,9 @@
 
 rule func_preprocess:
     input:
-        dep_raw=lambda w: batch_raw(w, "func"),
+        # The raw files are tracked through batch_raw_signature (a param); this input only
+        # gives a dated-back manifest (a batch with deleted files) something newer than it.
+        dep_dataset=lambda w: bids_file(w, "dataset_description.json"),
         needs_manifest=rules.anat_preprocess.output.out_manifest,
     output:
         out_manifest=MANIFEST["func"],
@@ -17,6 +19,7 @@ rule func_preprocess:
         step="bh_models.func.preprocess:preprocess_bold",
         batch_units=lambda w: batch_units(w, "func"),
         batch_outputs=lambda w: func_outputs(w.dataset),
+        batch_raw_signature=lambda w: batch_raw_signature(w, "func"),
         batch_figures=["out_carpet"],
         tr_override=lambda w: dataset_entry(w)["tr_override"],
         resolution=RES,

@@ -195,6 +195,18 @@ def stale_manifests(*, manifests: Iterable[Path]) -> list[str]:
     return stale
 
 
+def raw_signature(paths: Iterable[str]) -> str:
+    """sha256 of ``path, size, mtime`` of each file (``missing`` when absent): changes when any file does."""
+    lines = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            lines.append(f"{path}\t{st.st_size}\t{st.st_mtime_ns}")
+        except OSError:
+            lines.append(f"{path}\tmissing")
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def outdate(manifest: str | os.PathLike) -> None:
     """Date a manifest back to 1970 (content unchanged), so Snakemake finds its inputs newer and reruns its batch."""
     os.utime(manifest, ns=(os.stat(manifest).st_atime_ns, 1_000_000_000))
@@ -386,6 +398,7 @@ def run_units(
     batch_units: Sequence[Mapping[str, Any]],
     batch_outputs: Mapping[str, str],
     batch_figures: Sequence[str] = (),
+    batch_raw_signature: str = "",
     needs_manifest: Path | Sequence[Path] | None = None,
     out_qc: Path | None = None,
     job_context: JobContext,
@@ -410,6 +423,9 @@ def run_units(
         Unit output name -> path template (``{subject}``, ``{folder}``, ``{prefix}``).
     batch_figures : list of str
         Unit outputs that are PNG figures, shown on the QC page.
+    batch_raw_signature : str
+        Digest of the batch's raw files (:func:`raw_signature`); only Snakemake uses
+        it (a change reruns the batch).
     needs_manifest : Path or list of Path, optional
         Manifests of the batches this one depends on.
     out_qc : Path, optional
@@ -432,6 +448,7 @@ def run_units(
         After every unit ran, when any failed for a reason other than bad
         input; the recorded units stay done.
     """
+    del batch_raw_signature
     results_dir = job_context.results_dir
     dataset = job_context.wildcards.get("dataset", "")
     rule = job_context.rule

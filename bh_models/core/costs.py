@@ -83,6 +83,17 @@ def setting_matches(setting: str, config: Mapping[str, Any]) -> bool:
     return all(wanted.get(key, value) == value for key, value in parse_setting(setting).items())
 
 
+@functools.lru_cache(maxsize=4)
+def _cost_index(path: str | Path = COSTS_PATH) -> dict[tuple[str, str, str, str], list[tuple[dict, float]]]:
+    # Planning asks for costs thousands of times (resources of every batch job): a dict, not pandas.
+    index: dict[tuple[str, str, str, str], list[tuple[dict, float]]] = {}
+    table = load_costs(path)
+    for rule, quantity, per, item, value, setting in zip(table["rule"], table["quantity"], table["per"],
+                                                         table["item"], table["value"], table["setting"]):
+        index.setdefault((rule, quantity, per, item), []).append((parse_setting(setting), float(value)))
+    return index
+
+
 def cost(rule: str, quantity: str, *, per: str = "unit", item: str = "", config: Mapping[str, Any] | None = None,
          costs: pd.DataFrame | None = None) -> tuple[float, bool]:
     """A measured value, and whether it was measured at the config's setting.
@@ -96,19 +107,21 @@ def cost(rule: str, quantity: str, *, per: str = "unit", item: str = "", config:
     KeyError
         When nothing was measured for ``rule``/``quantity``/``per``/``item``.
     """
-    table = load_costs() if costs is None else costs
-    rows = table[(table["rule"] == rule) & (table["quantity"] == quantity) & (table["per"] == per)
-                 & (table["item"] == item)]
-    if rows.empty:
+    if costs is not None:
+        rows = [(parse_setting(s), float(v)) for r, q, p, i, v, s in zip(
+            costs["rule"], costs["quantity"], costs["per"], costs["item"], costs["value"], costs["setting"])
+            if (r, q, p, i) == (rule, quantity, per, item)]
+    else:
+        rows = _cost_index().get((rule, quantity, per, item), [])
+    if not rows:
         raise KeyError(f"no measured {quantity} per {per} for {rule} {item}".strip())
     if config is None:
-        return float(rows["value"].iloc[0]), True
+        return rows[0][1], True
     wanted = config_setting(config)
     scored = []
-    for position, (setting, value) in enumerate(zip(rows["setting"], rows["value"])):
-        parsed = parse_setting(setting)
+    for position, (parsed, value) in enumerate(rows):
         agree = sum(wanted.get(k) == v for k, v in parsed.items())
-        scored.append((agree == len(parsed), agree, -position, float(value)))
+        scored.append((agree == len(parsed), agree, -position, value))
     exact, _, _, value = max(scored)
     return value, exact
 
