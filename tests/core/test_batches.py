@@ -86,7 +86,7 @@ def test_a_batch_runs_every_unit_and_lists_its_outputs(workdir):
     assert Path(manifest.loc[1, "out_timeseries"]).read_text() == "4.0\n"
     assert Path("results/derivatives/ds/sub-02/sub-02_timeseries.json").is_file()  # the step's sidecar
     page = Path("results/qc/batch-0001.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "sub-02: done" in page
+    assert page.count("data:image/jpeg;base64,") == 2 and "sub-02: done" in page
     records = sorted(p.name for p in Path("results/provenance/toy_rule").glob("*.json"))
     assert records == ["dataset-ds_subject-01.json", "dataset-ds_subject-02.json"]
 
