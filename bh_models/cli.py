@@ -81,6 +81,117 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def dataset_counts(config: dict) -> list:
+    """What `bh plan` needs of each configured dataset: units, batches, problems, a typical run's size."""
+    from statistics import median
+
+    from bh_models.bids.cohort import plan_cohort
+    from bh_models.core.costs import DatasetCounts, run_size
+
+    counts = []
+    buckets = config["batches"]["buckets"]
+    for name, plan in plan_cohort(config).items():
+        anat, func = plan.anat_units(), plan.func_units()
+        batches = plan.batches(buckets)
+        first = next(iter(func.values()), None)
+        bold = first["inputs"]["bold"] if first else None
+        mvf, frames = run_size(bold[0] if isinstance(bold, list) else bold) if bold else (None, None)
+        trs = [entry["tr"] for entry in plan.bold.values() if entry.get("tr")]
+        entry = config["datasets"][name]
+        counts.append(DatasetCounts(
+            name=name, role=entry["role"], subjects=len({u["subject"] for u in [*anat.values(), *func.values()]}),
+            anat_units=len(anat), func_units=len(func), problems=len(plan.problems),
+            batch_labels=tuple((label, bool(units["anat"]), bool(units["func"])) for label, units in batches.items()),
+            tasks=len(entry.get("targets", {})), run_mvoxel_frames=mvf, run_frames=frames,
+            repetition_time=median(trs) if trs else None))
+    return counts
+
+
+def _slurm_group_components(profile: Path) -> int:
+    import yaml
+
+    path = profile / "config.yaml" if profile.is_dir() else profile
+    settings = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return int((settings or {}).get("group-components", {}).get("preproc", 1))
+
+
+def _human_bytes(value: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(value) < 1000 or unit == "PB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
+        value /= 1000
+    return f"{value:.1f} PB"
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from bh_models.core.config import load_config
+    from bh_models.core.costs import (DEFAULT_GPU_TFLOPS, cpu_hours, gpu_hours, slurm_submissions, storage_bytes,
+                                      workflow_jobs)
+
+    args.gpu_tflops = args.gpu_tflops or DEFAULT_GPU_TFLOPS
+    started = time.perf_counter()
+    config = load_config(args.configfile)
+    if config["example_only"]:
+        print(f"{args.configfile}: documented example (example_only: true); its bids_root values are "
+              "placeholders, so there is nothing to plan", file=sys.stderr)
+        return 2
+    datasets = dataset_counts(config)
+    jobs = workflow_jobs(datasets=datasets, config=config)
+    group = _slurm_group_components(args.profile)
+    submissions = slurm_submissions(datasets=datasets, jobs=jobs, group_components=group)
+    cpu = cpu_hours(datasets=datasets, jobs=jobs, config=config)
+    gpu = gpu_hours(datasets=datasets, config=config, gpu_tflops=args.gpu_tflops)
+    storage = storage_bytes(datasets=datasets, config=config)
+    print(f"bh plan: {args.configfile} (costs measured by benchmarks/bench_costs.py, bh_models/core/costs.tsv)\n")
+    print(f"{'dataset':<16}{'role':<11}{'subjects':>10}{'T1w units':>11}{'BOLD runs':>11}{'problems':>10}"
+          f"{'batches':>9}  typical run")
+    for d in datasets:
+        run = (f"{d.run_frames:.0f} volumes, {d.run_mvoxel_frames:.0f} Mvoxel-frames" if d.run_mvoxel_frames
+               else "unknown (headers unreadable): the measured demo run is assumed")
+        print(f"{d.name:<16}{d.role:<11}{d.subjects:>10,}{d.anat_units:>11,}{d.func_units:>11,}{d.problems:>10,}"
+              f"{len(d.batch_labels):>9,}  {run}")
+    print(f"\n{'rule':<52}{'jobs':>8}{'SLURM submissions':>19}")
+    grouped = next(iter(submissions))
+    for rule, count in jobs.items():
+        shown = "" if rule in ("anat_preprocess", "func_preprocess") else submissions.get(rule, 0)
+        print(f"{rule:<52}{count:>8,}{shown:>19}")
+    print(f"{grouped:<52}{'':>8}{submissions[grouped]:>19,}  (group-components preproc: {group}, {args.profile})")
+    print(f"{'total':<52}{sum(jobs.values()):>8,}{sum(submissions.values()):>19,}")
+    print("\nCPU-hours (one thread per unit; measured per-unit costs)")
+    for rule, value in cpu.items():
+        print(f"  {rule:<30}{value:>12,.1f}")
+    preprocessing = cpu.get("anat_preprocess", 0) + cpu.get("func_preprocess", 0)
+    print(f"  {'preprocessing total':<30}{preprocessing:>12,.1f}   ({preprocessing / max(1, sum(d.subjects for d in datasets)) * 60:.1f} CPU-minutes per subject)")
+    if gpu:
+        print(f"\nGPU-hours of pretraining (measured FLOPs per sample x samples / {args.gpu_tflops:g} TFLOP/s "
+              "sustained, an assumption: --gpu-tflops)")
+        for rule, value in gpu.items():
+            print(f"  {rule:<30}{value:>12,.1f}")
+        print(f"  {'pretraining total':<30}{sum(gpu.values()):>12,.1f}")
+    print(f"\n{'storage class':<36}{'per unit':>12}{'units':>10}{'total':>12}")
+    for name, row in storage.items():
+        if name.endswith("transforms_exact"):
+            continue
+        print(f"{name:<36}{_human_bytes(row['per_unit']):>12}{row['units']:>10,}{_human_bytes(row['total']):>12}")
+    total = sum(row["total"] for name, row in storage.items() if not name.endswith("transforms_exact"))
+    print(f"{'total':<36}{'':>12}{'':>10}{_human_bytes(total):>12}")
+    exact = storage.get("anat: transforms_exact")
+    compact = storage.get("anat: transforms")
+    if exact and compact:
+        print(f"(transforms as ITK writes them, compact_storage off: {_human_bytes(exact['total'])} instead of "
+              f"{_human_bytes(compact['total'])}; derivatives per subject "
+              f"{_human_bytes(_per_subject(storage, exact=True))} -> {_human_bytes(_per_subject(storage, exact=False))})")
+    print(f"\nplanned in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _per_subject(storage: dict, *, exact: bool) -> float:
+    anat = sum(row["per_unit"] for name, row in storage.items() if name.startswith("anat:")
+               and name != ("anat: transforms" if exact else "anat: transforms_exact"))
+    func = sum(row["per_unit"] for name, row in storage.items() if name.startswith("func:"))
+    return anat + func
+
+
 def _cmd_bundle(args: argparse.Namespace) -> int:
     from bh_models.models.bundle import main as bundle_main
 
@@ -119,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate config.yaml and show what each dataset contributes")
     p.add_argument("configfile", type=Path, nargs="?", default=Path("config.yaml"))
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("plan", help="cost plan before anything runs: jobs, SLURM submissions, CPU/GPU-hours, storage")
+    p.add_argument("configfile", type=Path, nargs="?", default=Path("config.yaml"))
+    p.add_argument("--profile", type=Path, default=Path(__file__).resolve().parents[1] / "workflow" / "profiles"
+                   / "slurm", help="SLURM profile whose group-components count the submissions")
+    p.add_argument("--gpu-tflops", type=float, default=None,
+                   help="sustained bf16 TFLOP/s of one GPU for the pretraining estimate (default 350: 35 %% of an H100)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("bundle", help="model bundle tools: `bh bundle verify PATH` checks every file's sha256")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -54,8 +54,8 @@ rule anat_qc_table:
         log_path("anat_qc_table", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("anat_qc_table", "mem_mb", attempt, dataset_units(w.dataset, "anat")),
+        runtime=lambda w, attempt: job_resource("anat_qc_table", "runtime", attempt, dataset_units(w.dataset, "anat")),
     conda:
         ENV
     script:

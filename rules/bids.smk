@@ -19,8 +19,8 @@ rule index_dataset:
         log_path("index_dataset", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("index_dataset", "mem_mb", attempt, dataset_units(w.dataset, "subjects")),
+        runtime=lambda w, attempt: job_resource("index_dataset", "runtime", attempt, dataset_units(w.dataset, "subjects")),
     conda:
         ENV
     script:
@@ -40,8 +40,8 @@ rule dataset_description:
         log_path("dataset_description", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=500,
-        runtime=5,
+        mem_mb=lambda w, attempt: 500 * attempt,
+        runtime=lambda w, attempt: 5 * attempt,
     conda:
         ENV
     script:

@@ -293,11 +293,51 @@ def all_targets():
     return final_targets() + [*rules.audit.output]
 
 
+_RUN_SIZE = {}
+
+
+def typical_run(dataset):
+    """Voxels x volumes / 1e6 of the dataset's first BOLD run (one header read per dataset), or None."""
+    from bh_models.core.costs import run_size
+
+    if dataset not in _RUN_SIZE:
+        first = next(iter(UNITS[dataset]["func"].values()), None)
+        bold = first["inputs"]["bold"] if first else None
+        _RUN_SIZE[dataset] = run_size(bold[0] if isinstance(bold, list) else bold)[0] if bold else None
+    return _RUN_SIZE[dataset]
+
+
 def batch_resource(wildcards, rule, key, threads, attempt):
-    """mem_mb / runtime of a batch job from the measured per-unit costs (bh_models/core/costs.tsv),
-    with headroom, times the attempt (retries get more)."""
+    """mem_mb / runtime of a batch job from the measured per-unit costs (bh_models/core/costs.tsv,
+    benchmarks/bench_costs.py) at this config's resolution and the dataset's run size, with
+    headroom, times the attempt: a job that ran out of memory or time is retried with more."""
     from bh_models.core.costs import batch_resources
 
     kind = "anat" if rule.startswith("anat") else "func"
     units = len(BATCH_PLAN[wildcards.dataset][wildcards.batch][kind])
-    return batch_resources(rule=rule, units=units, workers=threads, attempt=attempt, config=config)[key]
+    size = typical_run(wildcards.dataset) if kind == "func" else None
+    return batch_resources(rule=rule, units=units, workers=threads, attempt=attempt, config=config,
+                           mvoxel_frames=size)[key]
+
+
+def dataset_units(dataset, kind):
+    """Units a dataset-level job handles: subjects, anatomical units, BOLD runs, or all units."""
+    if kind == "subjects":
+        return len(COHORT[dataset].index.subjects)
+    if kind == "all":
+        return len(UNITS[dataset]["anat"]) + len(UNITS[dataset]["func"])
+    return len(UNITS[dataset][kind])
+
+
+def job_resource(rule, key, attempt, units=0):
+    """mem_mb / runtime of a one-process job: the measured per-job and per-unit costs of the rule
+    (bh_models/core/costs.tsv) for ``units``, with headroom, times the attempt."""
+    from bh_models.core.costs import job_resources
+
+    return job_resources(rule=rule, units=units, attempt=attempt, config=config)[key]
+
+
+def audit_files():
+    """Files the audit checks, estimated from the units (per-unit outputs and sidecars, figures,
+    records' inputs) plus the cohort-level files; its runtime grows with them."""
+    return sum(14 * len(UNITS[d]["anat"]) + 6 * len(UNITS[d]["func"]) + 40 for d in DATASETS) + 200

@@ -41,8 +41,8 @@ rule evaluate_dataset:
         log_path("evaluate_dataset", "{dataset}"),
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=120,
+        mem_mb=lambda w, attempt: 4000 * attempt,
+        runtime=lambda w, attempt: 120 * attempt,
     conda:
         ENV
     script:
@@ -82,8 +82,8 @@ rule evaluate_pooled:
         log_path("evaluate_pooled", "all"),
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=lambda w, attempt: 8000 * attempt,
+        runtime=lambda w, attempt: 240 * attempt,
     conda:
         ENV
     script:

@@ -60,8 +60,8 @@ rule func_qc_table:
         log_path("func_qc_table", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("func_qc_table", "mem_mb", attempt, dataset_units(w.dataset, "func")),
+        runtime=lambda w, attempt: job_resource("func_qc_table", "runtime", attempt, dataset_units(w.dataset, "func")),
     conda:
         ENV
     script:

@@ -18,8 +18,8 @@ rule exclusion_table:
         log_path("exclusion_table", "all"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("exclusion_table", "mem_mb", attempt, sum(dataset_units(d, "all") for d in DATASETS)),
+        runtime=lambda w, attempt: job_resource("exclusion_table", "runtime", attempt, sum(dataset_units(d, "all") for d in DATASETS)),
     conda:
         ENV
     script:
@@ -38,8 +38,8 @@ rule boilerplate:
         log_path("boilerplate", "all"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=lambda w, attempt: 1000 * attempt,
+        runtime=lambda w, attempt: 5 * attempt,
     conda:
         ENV
     script:
@@ -62,8 +62,8 @@ rule audit:
         log_path("audit", "all"),
     threads: 2
     resources:
-        mem_mb=2000,
-        runtime=60,
+        mem_mb=lambda w, attempt: job_resource("audit", "mem_mb", attempt, audit_files()),
+        runtime=lambda w, attempt: job_resource("audit", "runtime", attempt, audit_files()),
     conda:
         ENV
     script:

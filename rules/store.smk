@@ -21,8 +21,8 @@ rule augment_samples:
         log_path("augment_samples", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=20,
+        mem_mb=lambda w, attempt: job_resource("augment_samples", "mem_mb", attempt, dataset_units(w.dataset, "func")),
+        runtime=lambda w, attempt: job_resource("augment_samples", "runtime", attempt, dataset_units(w.dataset, "func")),
     conda:
         ENV
     script:
@@ -47,8 +47,8 @@ rule make_splits:
         log_path("make_splits", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("make_splits", "mem_mb", attempt, dataset_units(w.dataset, "anat")),
+        runtime=lambda w, attempt: job_resource("make_splits", "runtime", attempt, dataset_units(w.dataset, "anat")),
     conda:
         ENV
     script:
@@ -69,8 +69,8 @@ rule pack_fmri:
         log_path("pack_fmri", "{dataset}"),
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda w, attempt: job_resource("pack_fmri", "mem_mb", attempt, dataset_units(w.dataset, "func")),
+        runtime=lambda w, attempt: job_resource("pack_fmri", "runtime", attempt, dataset_units(w.dataset, "func")),
     conda:
         ENV
     script:
@@ -91,8 +91,8 @@ rule pack_t1:
         log_path("pack_t1", "{dataset}"),
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda w, attempt: job_resource("pack_t1", "mem_mb", attempt, dataset_units(w.dataset, "anat")),
+        runtime=lambda w, attempt: job_resource("pack_t1", "runtime", attempt, dataset_units(w.dataset, "anat")),
     conda:
         ENV
     script:
@@ -113,8 +113,8 @@ rule store_scaling:
         log_path("store_scaling", "all"),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=lambda w, attempt: 2000 * attempt,
+        runtime=lambda w, attempt: 10 * attempt,
     conda:
         ENV
     script:

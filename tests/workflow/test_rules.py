@@ -193,13 +193,21 @@ def test_a_contract_violation_is_found(rules_by_variant):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_dry_run_matrix(name, tmp_path, layout):
+    """Each configuration plans the rules it turns on, and `bh plan` counts the same jobs per rule."""
+    from bh_models.cli import dataset_counts
+    from bh_models.core.config import load_config
+    from bh_models.core.costs import workflow_jobs
+
     workdir = variant_workdir(tmp_path, layout, name)
     plan = snakemake(workdir, "-n", "--cores", "2").stdout
-    jobs = {line.split()[0] for line in plan.split("Job stats:")[1].split("total")[0].splitlines()[2:]
-            if line.strip()}
+    counts = {parts[0]: int(parts[1]) for line in plan.split("Job stats:")[1].split("total")[0].splitlines()[2:]
+              if len(parts := line.split()) == 2 and parts[1].isdigit()}
+    jobs = set(counts)
     _, must, must_not = VARIANTS[name]
     assert must <= jobs, must - jobs
     assert not (must_not & jobs), must_not & jobs
+    config = load_config(workdir / "config.yaml", base_dir=workdir)
+    assert workflow_jobs(datasets=dataset_counts(config), config=config) == counts
 
 
 def test_the_network_order_names_the_parcel_series(rules_by_variant):
