@@ -13,30 +13,41 @@ from pathlib import Path
 from bh_models.core.errors import BHConfigError, BHInputError
 
 
+def _print_problems(problems, *, file=None) -> None:
+    """Each problem (left out, with its fix) and note (a choice made), one line each."""
+    for row in problems.itertuples():
+        fix = f" Fix: {row.fix}" if getattr(row, "fix", "") else ""
+        print(f"  {row.kind}: {row.path}: {row.reason}.{fix}", file=file)
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
-    from bh_models.bids.index import Filters, index_dataset
+    from bh_models.bids.cohort import plan_dataset
 
     start = time.perf_counter()
-    filters = Filters(task=args.task, session=args.session, run=args.run, acquisition=args.acq)
-    index = index_dataset(args.bids_dir, dataset=args.dataset, filters=filters,
-                          tr_override=args.tr_override, threads=args.threads)
+    filters = {"task": args.task, "session": args.session, "run": args.run, "acquisition": args.acq,
+               "echo": args.echo}
+    plan = plan_dataset(args.dataset or Path(args.bids_dir).name,
+                        {"bids_root": str(args.bids_dir), "filters": filters, "tr_override": args.tr_override,
+                         "exclude_subjects": [], "exclude_runs": []})
     elapsed = time.perf_counter() - start
+    index = plan.index
     runs = index.runs
-    n_t1 = int((runs["suffix"] == "T1w").sum())
-    n_bold = int((runs["suffix"] == "bold").sum())
     subjects = index.subjects
+    kinds = plan.problems["kind"].value_counts()
     print(
         f"{args.bids_dir}: {len(subjects)} subjects ({int(subjects['paired'].sum())} with T1w and BOLD), "
-        f"{n_t1} T1w, {n_bold} BOLD runs, {len(index.problems)} problems, indexed in {elapsed:.2f} s"
+        f"{len(plan.anat)} T1w units, {len(plan.func)} BOLD runs, {int(kinds.get('problem', 0))} problems "
+        f"(left out), {int(kinds.get('note', 0))} notes (choices made), indexed in {elapsed:.2f} s"
     )
-    for row in index.problems.itertuples():
-        print(f"  problem: {row.path}: {row.reason}", file=sys.stderr)
+    _print_problems(plan.problems, file=sys.stderr)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         runs.to_csv(args.out, sep="\t", index=False, na_rep="n/a")
         subjects.to_csv(args.out.with_name(args.out.stem + "_subjects.tsv"), sep="\t", index=False, na_rep="n/a")
+        plan.problems.to_csv(args.out.with_name(args.out.stem + "_problems.tsv"), sep="\t", index=False,
+                             na_rep="n/a")
         print(f"wrote {args.out}")
-    return 1 if (args.strict and len(index.problems)) else 0
+    return 1 if (args.strict and kinds.get("problem", 0)) else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -66,10 +77,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
                   f"{entry['tr_override'] or 'from sidecars'}; {tasks}")
     else:
         for name, plan in plan_cohort(config).items():
-            print(f"{name} ({config['datasets'][name]['role']}): {len(plan.anat_subjects)} T1w subjects, "
-                  f"{len(plan.bold_stems)} BOLD runs, {len(plan.problems)} problems")
-            for row in plan.problems.itertuples():
-                print(f"  problem: {row.path}: {row.reason}")
+            kinds = plan.problems["kind"].value_counts()
+            tasks = (f", tasks evaluated: {', '.join(plan.tasks) or 'none'}"
+                     if config["datasets"][name]["targets"] else "")
+            print(f"{name} ({config['datasets'][name]['role']}): {len(plan.anat_subjects)} subjects with a T1w, "
+                  f"{len(plan.anat)} T1w units, {len(plan.bold_stems)} BOLD runs, "
+                  f"{int(kinds.get('problem', 0))} problems, {int(kinds.get('note', 0))} notes{tasks}")
+            _print_problems(plan.problems)
     bundle = config["model"]["bundle"]
     if bundle:
         check_settings(bundle=read_bundle(bundle), expected=settings_from_config(config), bundle_path=bundle)
@@ -81,7 +95,20 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def dataset_counts(config: dict) -> list:
+def shares_a_task(config: dict, plans: dict) -> bool:
+    """Whether the evaluated downstream datasets share an identically configured task (the pooled evaluation)."""
+    from bh_models.evaluation.targets import parse_tasks
+
+    evaluated = [name for name, plan in plans.items()
+                 if config["datasets"][name]["role"] in ("downstream", "both") and plan.tasks]
+    if len(evaluated) < 2:
+        return False
+    tasks = {d: parse_tasks(tasks=plans[d].tasks, config_key=f"datasets.{d}.targets") for d in evaluated}
+    first, *others = evaluated
+    return any(all(spec in tasks[other] for other in others) for spec in tasks[first])
+
+
+def dataset_counts(config: dict, plans: dict | None = None) -> list:
     """What `bh plan` needs of each configured dataset: units, batches, problems, a typical run's size."""
     from statistics import median
 
@@ -90,19 +117,19 @@ def dataset_counts(config: dict) -> list:
 
     counts = []
     buckets = config["batches"]["buckets"]
-    for name, plan in plan_cohort(config).items():
+    for name, plan in (plans if plans is not None else plan_cohort(config)).items():
         anat, func = plan.anat_units(), plan.func_units()
         batches = plan.batches(buckets)
         first = next(iter(func.values()), None)
         bold = first["inputs"]["bold"] if first else None
         mvf, frames = run_size(bold[0] if isinstance(bold, list) else bold) if bold else (None, None)
-        trs = [entry["tr"] for entry in plan.bold.values() if entry.get("tr")]
+        trs = [unit["params"]["tr_sidecar"] for unit in func.values() if unit["params"].get("tr_sidecar")]
         entry = config["datasets"][name]
         counts.append(DatasetCounts(
             name=name, role=entry["role"], subjects=len({u["subject"] for u in [*anat.values(), *func.values()]}),
             anat_units=len(anat), func_units=len(func), problems=len(plan.problems),
             batch_labels=tuple((label, bool(units["anat"]), bool(units["func"])) for label, units in batches.items()),
-            tasks=len(entry.get("targets", {})), run_mvoxel_frames=mvf, run_frames=frames,
+            tasks=len(plan.tasks), run_mvoxel_frames=mvf, run_frames=frames,
             repetition_time=median(trs) if trs else None))
     return counts
 
@@ -135,8 +162,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"{args.configfile}: documented example (example_only: true); its bids_root values are "
               "placeholders, so there is nothing to plan", file=sys.stderr)
         return 2
-    datasets = dataset_counts(config)
-    jobs = workflow_jobs(datasets=datasets, config=config)
+    from bh_models.bids.cohort import plan_cohort
+
+    plans = plan_cohort(config)
+    datasets = dataset_counts(config, plans)
+    jobs = workflow_jobs(datasets=datasets, config=config, pooled=shares_a_task(config, plans))
     group = _slurm_group_components(args.profile)
     submissions = slurm_submissions(datasets=datasets, jobs=jobs, group_components=group)
     cpu = cpu_hours(datasets=datasets, jobs=jobs, config=config)
@@ -208,14 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bh", description="Brain Harmony pipeline tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("index", help="index a BIDS dataset (T1w, rest BOLD, TR, participants)")
+    p = sub.add_parser("index", help="index a BIDS dataset: units, TR, participants, every problem with its fix")
     p.add_argument("bids_dir", type=Path)
-    p.add_argument("--out", type=Path, help="write the run table here (and <stem>_subjects.tsv beside it)")
+    p.add_argument("--out", type=Path,
+                   help="write the run table here (and <stem>_subjects.tsv, <stem>_problems.tsv beside it)")
     p.add_argument("--dataset", default="", help="dataset name stored in the table")
     p.add_argument("--task", default="rest", help="BOLD task label to keep (default: rest)")
     p.add_argument("--session", default=None)
     p.add_argument("--run", default=None)
     p.add_argument("--acq", default=None)
+    p.add_argument("--echo", default=None, help="multi-echo runs: use this echo instead of combining them")
     p.add_argument("--tr-override", type=float, default=None)
     p.add_argument("--threads", type=int, default=8, help="folder-scan threads (I/O bound)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any problem is found")

@@ -15,6 +15,8 @@ rule index_dataset:
         filters=lambda w: dataset_entry(w)["filters"],
         tr_override=lambda w: dataset_entry(w)["tr_override"],
         exclude_subjects=lambda w: dataset_entry(w)["exclude_subjects"],
+        exclude_runs=lambda w: dataset_entry(w)["exclude_runs"],
+        targets=lambda w: dataset_entry(w)["targets"],
     log:
         log_path("index_dataset", "{dataset}"),
     threads: 1

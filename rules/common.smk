@@ -12,7 +12,7 @@ from bh_models.core.config import check_config, downstream_datasets, load_yaml, 
 from bh_models.core.errors import BHConfigError, BHInputError
 
 try:
-    for _configfile in workflow.configfiles:
+    for _configfile in [*workflow.configfiles, *workflow.overwrite_configfiles]:
         load_yaml(_configfile)  # refuses duplicate keys, which YAML would merge silently
     check_config(config)  # words every problem as "config key X: problem. Fix: ..."
 except (BHConfigError, BHInputError) as _exc:
@@ -58,6 +58,16 @@ BATCH_PLAN = {d: COHORT[d].batches(BUCKETS) for d in DATASETS}
 # downstream datasets are encoded by the frozen models of the bundle and evaluated.
 PRETRAIN = pretraining_datasets(config)
 DOWNSTREAM = downstream_datasets(config)
+# Downstream datasets with a task that can run (participants.tsv and its columns exist);
+# the others are still preprocessed and encoded, and their problems are listed.
+EVALUATED = [d for d in DOWNSTREAM if COHORT[d].tasks]
+if workflow.is_main_process:  # problems are said before any job, with where to read them
+    for _name in DATASETS:
+        _kinds = COHORT[_name].problems["kind"].value_counts()
+        if _kinds.get("problem", 0) or _kinds.get("note", 0):
+            print(f"note: {_name}: {_kinds.get('problem', 0)} problem(s) left out before any job, "
+                  f"{_kinds.get('note', 0)} choice(s) noted; see {RESULTS}/index/{_name}_problems.tsv "
+                  f"(or `bh index {COHORT[_name].bids_root}`)", file=sys.stderr)
 # The model bundle: this run's (written to MODELS by make_bundle) or an existing one.
 EXTERNAL_BUNDLE = config["model"]["bundle"]
 BUNDLE = EXTERNAL_BUNDLE or MODELS
@@ -262,8 +272,10 @@ def final_targets():
         targets += expand([*rules.index_dataset.output, rules.dataset_description.output.out_description,
                            rules.anat_qc_table.output.out_table, rules.func_qc_table.output.out_table],
                           dataset=dataset)
-    for dataset in DOWNSTREAM:
+    for dataset in EVALUATED:
         targets += expand(rules.evaluate_dataset.output, dataset=dataset)
+    for dataset in [d for d in DOWNSTREAM if d not in EVALUATED]:  # no task can run yet: encoded all the same
+        targets += expand(rules.extract_embeddings.output, dataset=dataset)
     if pooled_evaluation():
         targets += [*rules.evaluate_pooled.output]
     return targets
@@ -274,11 +286,10 @@ def _pooled_evaluation():
     (configured identically in each; bh_models.evaluation.evaluate.pooled_tasks decides which)."""
     from bh_models.evaluation.targets import parse_tasks  # light: the evaluation stage's modules load torch
 
-    if not config["evaluate"]["pooled"] or len(DOWNSTREAM) < 2:
+    if not config["evaluate"]["pooled"] or len(EVALUATED) < 2:
         return False
-    tasks = {d: parse_tasks(tasks=config["datasets"][d]["targets"], config_key=f"datasets.{d}.targets")
-             for d in DOWNSTREAM}
-    first, *others = DOWNSTREAM
+    tasks = {d: parse_tasks(tasks=COHORT[d].tasks, config_key=f"datasets.{d}.targets") for d in EVALUATED}
+    first, *others = EVALUATED
     return any(all(spec in tasks[other] for other in others) for spec in tasks[first])
 
 

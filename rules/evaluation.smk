@@ -31,7 +31,7 @@ rule evaluate_dataset:
     params:
         step="bh_models.evaluation.evaluate:evaluate_dataset",
         dataset=lambda w: w.dataset,
-        tasks=lambda w: dataset_entry(w)["targets"],
+        tasks=lambda w: COHORT[w.dataset].tasks,  # the tasks whose participants.tsv columns exist
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         n_permutations=config["evaluate"]["n_permutations"],
@@ -51,13 +51,13 @@ rule evaluate_dataset:
 
 rule evaluate_pooled:
     input:
-        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=DOWNSTREAM),
-        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=DOWNSTREAM),
-        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
+        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=EVALUATED),
+        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=EVALUATED),
+        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=EVALUATED),
         # The runner passes the listed series and, as timeseries_datasets, each one's dataset.
-        listed_timeseries=lambda w: [p for d in DOWNSTREAM for p in func_manifests(d)],
-        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
-        **(dict(latents=expand(rules.extract_latents.output.out_latents, dataset=DOWNSTREAM),
+        listed_timeseries=lambda w: [p for d in EVALUATED for p in func_manifests(d)],
+        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in EVALUATED],
+        **(dict(latents=expand(rules.extract_latents.output.out_latents, dataset=EVALUATED),
                 harmonizer_checkpoint=HARMONIZER_CHECKPOINT) if FINETUNE else {}),
     output:
         out_results=report(f"{EVAL}/pooled_desc-probe_results.tsv", caption=caption("eval_pooled_results"),
@@ -71,8 +71,8 @@ rule evaluate_pooled:
                                   category="Evaluation", labels={"dataset": "pooled", "item": "regression"}),
     params:
         step="bh_models.evaluation.evaluate:evaluate_pooled",
-        datasets=DOWNSTREAM,
-        tasks={d: config["datasets"][d]["targets"] for d in DOWNSTREAM},
+        datasets=EVALUATED,
+        tasks={d: COHORT[d].tasks for d in EVALUATED},
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         n_permutations=config["evaluate"]["n_permutations"],

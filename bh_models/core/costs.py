@@ -244,9 +244,11 @@ class DatasetCounts:
     repetition_time: float | None = None
 
 
-def workflow_jobs(*, datasets: list[DatasetCounts], config: Mapping[str, Any]) -> dict[str, int]:
+def workflow_jobs(*, datasets: list[DatasetCounts], config: Mapping[str, Any],
+                  pooled: bool | None = None) -> dict[str, int]:
     """Jobs per rule that `snakemake` plans for a fresh results folder (mirrors the rules; a test
-    compares it with `snakemake -n`)."""
+    compares it with `snakemake -n`). ``pooled``: whether the evaluated datasets share a task
+    (default: two or more evaluated datasets)."""
     pretrain = [d for d in datasets if d.role in ("pretrain", "both")]
     downstream = [d for d in datasets if d.role in ("downstream", "both")]
     external = bool(config.get("model", {}).get("bundle"))
@@ -267,9 +269,11 @@ def workflow_jobs(*, datasets: list[DatasetCounts], config: Mapping[str, Any]) -
     jobs["extract_embeddings"] = len(downstream)
     jobs["evaluate_dataset"] = len(evaluated)
     if config.get("evaluate", {}).get("finetune", {}).get("enabled"):
-        jobs["extract_latents"] = len(downstream)
-    pooled = config.get("evaluate", {}).get("pooled", True) and len(evaluated) >= 2
-    jobs["evaluate_pooled"] = int(bool(pooled))
+        jobs["extract_latents"] = len(evaluated)  # only the evaluation reads them
+    if pooled is None:
+        pooled = len(evaluated) >= 2
+    jobs["evaluate_pooled"] = int(bool(config.get("evaluate", {}).get("pooled", True) and len(evaluated) >= 2
+                                       and pooled))
     return {rule: count for rule, count in jobs.items() if count}
 
 

@@ -2,7 +2,8 @@
 
 Chain (each step in its own module):
 
-1. checks: 4D, enough volumes, finite data, anatomical inputs present;
+1. checks: 4D, enough volumes, finite data, anatomical inputs present; a
+   multi-echo run's echoes combined (:mod:`bh_models.func.multiecho`);
 2. TR (:mod:`bh_models.func.tr`): config override > sidecar; header compared;
 3. head motion (:mod:`bh_models.func.motion`): rigid, to the middle volume; FD;
 4. coregistration (:mod:`bh_models.func.resample`): realigned mean -> T1w, rigid MI;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,7 @@ class _BoldRun:
     data: np.ndarray  # (X, Y, Z, T) float32, NaNs rejected
     n_volumes: int
     tr: RepetitionTime
+    echoes: dict | None = None  # how a multi-echo run became this series (the sidecar's MultiEcho)
 
 
 @dataclass(frozen=True)
@@ -184,9 +187,24 @@ def _check_settings(*, motion_regressors: int, high_pass: float | None, low_pass
                             "declare the MNI BOLD output in the rule, or set save_mni_bold: false")
 
 
-def _load_inputs(*, bold: Path, anat: dict[str, Path], min_volumes: int, tr_sidecar: float | None,
-                 tr_override: float | None) -> _BoldRun:
-    """1-2. Checks (4D, enough volumes, anatomical inputs present, finite data) and the TR."""
+def _load_inputs(*, bold: Path | Sequence[Path], anat: dict[str, Path], min_volumes: int, tr_sidecar: float | None,
+                 tr_override: float | None, echo_times: Sequence[float] | None = None) -> _BoldRun:
+    """1-2. Checks (4D, enough volumes, anatomical inputs present, finite data) and the TR; the echoes
+    of a multi-echo run (``bold`` a list) combined into one series."""
+    if isinstance(bold, (list, tuple)) and len(bold) > 1:
+        from bh_models.func.multiecho import load_combined
+
+        _require_files(**anat)
+        img, data, echoes = load_combined(paths=bold, echo_times=echo_times)
+        n_volumes = int(img.shape[3])
+        if n_volumes < min_volumes:
+            raise BHInputError(bold[0], f"BOLD run has {n_volumes} volumes, fewer than the minimum {min_volumes}",
+                               "exclude the run, or lower min_volumes in config.yaml if it is really usable")
+        tr = resolve_tr(bold=Path(bold[0]), img=img, tr_sidecar=tr_sidecar, tr_override=tr_override)
+        return _BoldRun(path=Path(bold[0]), img=img, data=data, n_volumes=n_volumes, tr=tr, echoes=echoes)
+    bold = Path(bold[0] if isinstance(bold, (list, tuple)) else bold)
+    echoes = ({"Method": "one echo of a multi-echo run (datasets.<name>.filters.echo)", "Files": [bold.name]}
+              if "_echo-" in bold.name else None)
     img = load_image(bold, ndim=4, what="BOLD run")
     n_volumes = int(img.shape[3])
     if n_volumes < min_volumes:
@@ -195,7 +213,7 @@ def _load_inputs(*, bold: Path, anat: dict[str, Path], min_volumes: int, tr_side
     tr = resolve_tr(bold=bold, img=img, tr_sidecar=tr_sidecar, tr_override=tr_override)
     _require_files(**anat)
     data = read_data(img, bold, what="BOLD run")  # (X, Y, Z, T) float32, NaNs rejected
-    return _BoldRun(path=bold, img=img, data=data, n_volumes=n_volumes, tr=tr)
+    return _BoldRun(path=bold, img=img, data=data, n_volumes=n_volumes, tr=tr, echoes=echoes)
 
 
 def _estimate_motion(run: _BoldRun, *, fd_threshold: float | None, min_volumes: int,
@@ -317,6 +335,7 @@ def _write_timeseries(out_timeseries: Path, cleaned: np.ndarray, *, run: _BoldRu
         "MotionReferenceVolume": motion.estimate.reference_index,
         "CoregistrationMutualInformation": coreg_mi,
         "AtlasVoxelsInFieldOfView": float(parcels.usable.mean()),
+        **({"MultiEcho": run.echoes} if run.echoes else {}),
         "warnings": warnings,
     }
     write_json(sidecar_path(out_timeseries), sidecar)
@@ -350,6 +369,8 @@ def _write_qc(out_carpet: Path, cleaned: np.ndarray, *, run: _BoldRun, motion: _
               fd_threshold: float | None) -> None:
     """8c. The FD trace + voxel carpet + cleaned parcel carpet PNG."""
     stem = run.path.name.removesuffix(".nii.gz").removesuffix(".nii").removesuffix("_bold")
+    if run.echoes:  # the run, not one of its echoes
+        stem = "_".join(part for part in stem.split("_") if not part.startswith("echo-"))
     plot_carpet(
         voxel_series=parcels.voxel_series, voxel_labels=parcels.voxel_labels, cleaned=cleaned,
         kept_frames=np.flatnonzero(~motion.censored), fd=motion.fd, repetition_time=run.tr.seconds,
@@ -371,7 +392,7 @@ def _write_mni_bold(out_mni_bold: Path, mni: _TemplateSeries, *, run: _BoldRun, 
 
 def preprocess_bold(
     *,
-    bold: Path,
+    bold: Path | Sequence[Path],
     t1w: Path,
     t1w_mask: Path,
     t1w_to_mni: Path,
@@ -382,6 +403,7 @@ def preprocess_bold(
     out_mni_bold: Path | None = None,
     tr_sidecar: float | None = None,
     tr_override: float | None = None,
+    echo_times: Sequence[float] | None = None,
     resolution: float = 2.0,
     networks: int = 7,
     min_volumes: int = MIN_VOLUMES,
@@ -400,8 +422,9 @@ def preprocess_bold(
 
     Parameters
     ----------
-    bold : Path
-        Raw 4D BOLD NIfTI (read only).
+    bold : Path or list of Path
+        Raw 4D BOLD NIfTI (read only); for a multi-echo run, its echoes, combined
+        first (T2*-weighted optimal combination, :mod:`bh_models.func.multiecho`).
     t1w : Path
         Native brain-extracted T1w (``*_desc-preproc_T1w.nii.gz``).
     t1w_mask : Path
@@ -429,6 +452,8 @@ def preprocess_bold(
         ``RepetitionTime`` from the BIDS sidecar, inheritance resolved.
     tr_override : float or None
         The dataset's configured TR; wins over the sidecar.
+    echo_times : list of float or None
+        Echo times (s) of a multi-echo run's echoes, in the order of ``bold``.
     resolution : float
         Template grid spacing (mm); must match the anatomical outputs.
     networks : int
@@ -462,13 +487,13 @@ def preprocess_bold(
         Invalid cleaning settings or TR override.
     """
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
-    bold = Path(bold)
     _check_settings(motion_regressors=motion_regressors, high_pass=high_pass, low_pass=low_pass,
                     fd_threshold=fd_threshold, standardize=standardize, save_mni_bold=save_mni_bold,
                     out_mni_bold=out_mni_bold)
     run = _load_inputs(bold=bold, anat={"t1w": t1w, "t1w_mask": t1w_mask, "t1w_to_mni": t1w_to_mni,
                                         "mni_mask": mni_mask},
-                       min_volumes=min_volumes, tr_sidecar=tr_sidecar, tr_override=tr_override)
+                       min_volumes=min_volumes, tr_sidecar=tr_sidecar, tr_override=tr_override,
+                       echo_times=echo_times)
     warnings = list(run.tr.warnings)
 
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bh-func-") as work:

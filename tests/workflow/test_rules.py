@@ -194,7 +194,8 @@ def test_a_contract_violation_is_found(rules_by_variant):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_dry_run_matrix(name, tmp_path, layout):
     """Each configuration plans the rules it turns on, and `bh plan` counts the same jobs per rule."""
-    from bh_models.cli import dataset_counts
+    from bh_models.bids.cohort import plan_cohort
+    from bh_models.cli import dataset_counts, shares_a_task
     from bh_models.core.config import load_config
     from bh_models.core.costs import workflow_jobs
 
@@ -207,7 +208,9 @@ def test_dry_run_matrix(name, tmp_path, layout):
     assert must <= jobs, must - jobs
     assert not (must_not & jobs), must_not & jobs
     config = load_config(workdir / "config.yaml", base_dir=workdir)
-    assert workflow_jobs(datasets=dataset_counts(config), config=config) == counts
+    plans = plan_cohort(config)
+    assert workflow_jobs(datasets=dataset_counts(config, plans), config=config,
+                         pooled=shares_a_task(config, plans)) == counts
 
 
 def test_the_network_order_names_the_parcel_series(rules_by_variant):
