@@ -23,11 +23,14 @@ threads; on a shared machine the wall time also counts waiting for a core) and p
     the first repeat again with the observed and permuted labels. Its full run takes
     about 1.5 hours at this size, so by default it is timed on the first outer split
     of each call and extrapolated (x the number of splits); ``--old-full`` runs it all.
-    Its peak memory is measured (the first split holds the largest arrays).
+    Its peak memory is measured (the first split holds the largest arrays). Its
+    permutation split is the slowest part (the solver builds an n x (r+1)^2 array and a
+    (columns x (r+1)^2) Hessian batch); ``--old-columns K`` times it on K permutation
+    columns and scales linearly to 200.
 
 The new and old held-out scores of the splits both ran are compared.
 
-    python benchmarks/bench_probe.py [--old-full] [--skip-regression]
+    python benchmarks/bench_probe.py [--old-full] [--old-columns K] [--skip-regression] [--only KIND:VERSION ...]
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _load_old(ref: str):
     return module
 
 
-def _job(queue, kind: str, version: str, old_ref: str, full: bool) -> None:
+def _job(queue, kind: str, version: str, old_ref: str, full: bool, old_columns: int) -> None:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
@@ -127,14 +130,19 @@ def _job(queue, kind: str, version: str, old_ref: str, full: bool) -> None:
                                                  n_permutations=N_PERMUTATIONS, seed=7)
             chosen_obs = splits if full else splits[:1]
             chosen_perm = first if full else first[:1]
+            columns = labels.shape[1] if full else min(labels.shape[1], old_columns + 1)
             t0, c0 = time.perf_counter(), time.process_time()
             observed = old.cross_validated_scores(features=features, row_subject=row_subject, labels=y,
                                                   splits=chosen_obs, task_type=task, threads=THREADS)
             t_obs, c_obs = time.perf_counter() - t0, time.process_time() - c0
             t0, c0 = time.perf_counter(), time.process_time()
-            old.cross_validated_scores(features=features, row_subject=row_subject, labels=labels,
+            old.cross_validated_scores(features=features, row_subject=row_subject, labels=labels[:, :columns],
                                        splits=chosen_perm, task_type=task, threads=THREADS)
             t_perm, c_perm = time.perf_counter() - t0, time.process_time() - c0
+            # The old solver's cost is linear in the label columns (each column's Hessian is a row of
+            # a (columns x (r+1)^2) product, solved on its own), so scale to all of them.
+            t_perm *= labels.shape[1] / columns
+            c_perm *= labels.shape[1] / columns
             if full:
                 elapsed = time.perf_counter() - started
                 cpu = time.process_time() - cpu_started
@@ -142,16 +150,17 @@ def _job(queue, kind: str, version: str, old_ref: str, full: bool) -> None:
                 elapsed = t_obs * len(splits) + t_perm * len(first)
                 cpu = c_obs * len(splits) + c_perm * len(first)
                 note = (f"timed on 1 of {len(splits)} observed splits ({t_obs:.1f} s) and 1 of {len(first)} "
-                        f"permutation splits ({t_perm:.1f} s), extrapolated")
+                        f"permutation splits with {columns} of {labels.shape[1]} label columns "
+                        f"({t_perm:.1f} s scaled to all columns), extrapolated")
             compare = np.full(len(y), np.nan)
             compare[splits[0].test] = observed.scores[0, splits[0].test, 0]
     queue.put((elapsed, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, note, compare))
 
 
-def run(kind: str, version: str, old_ref: str, full: bool):
+def run(kind: str, version: str, old_ref: str, full: bool, old_columns: int):
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_job, args=(queue, kind, version, old_ref, full))
+    process = context.Process(target=_job, args=(queue, kind, version, old_ref, full, old_columns))
     process.start()
     result = queue.get()
     process.join()
@@ -163,6 +172,11 @@ def main() -> None:
     parser.add_argument("--old-ref", default="main", help="git ref of the old probe (default main)")
     parser.add_argument("--old-full", action="store_true", help="run the old probe's whole protocol (~1.5 h)")
     parser.add_argument("--skip-regression", action="store_true")
+    parser.add_argument("--old-columns", type=int, default=200,
+                        help="permutation columns of the old probe's timed permutation split (default all 200; "
+                             "its time is scaled linearly to 200)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these jobs, e.g. classification:old regression:new")
     args = parser.parse_args()
     import numpy as np
 
@@ -174,10 +188,14 @@ def main() -> None:
         label = "871 x 6,105 classification" if kind == "classification" else "20,000 x 768 regression"
         results = {}
         for version in ("new", "old"):
-            elapsed, cpu, peak, note, compare = run(kind, version, args.old_ref, args.old_full)
+            if args.only is not None and f"{kind}:{version}" not in args.only:
+                continue
+            elapsed, cpu, peak, note, compare = run(kind, version, args.old_ref, args.old_full, args.old_columns)
             results[version] = (elapsed, peak, compare, cpu)
             print(f"{label + ', ' + version:<48}{elapsed / 60:9.2f}{cpu / 60:9.2f}{peak / 1024:9.2f}  {note}",
                   flush=True)
+        if len(results) < 2:
+            continue
         new, old = results["new"], results["old"]
         both = np.isfinite(old[2])
         diff = np.abs(new[2][both] - old[2][both]).max()
