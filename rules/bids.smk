@@ -15,12 +15,14 @@ rule index_dataset:
         filters=lambda w: dataset_entry(w)["filters"],
         tr_override=lambda w: dataset_entry(w)["tr_override"],
         exclude_subjects=lambda w: dataset_entry(w)["exclude_subjects"],
+        exclude_runs=lambda w: dataset_entry(w)["exclude_runs"],
+        targets=lambda w: dataset_entry(w)["targets"],
     log:
         log_path("index_dataset", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("index_dataset", "mem_mb", attempt, dataset_units(w.dataset, "subjects")),
+        runtime=lambda w, attempt: job_resource("index_dataset", "runtime", attempt, dataset_units(w.dataset, "subjects")),
     conda:
         ENV
     script:
@@ -40,8 +42,8 @@ rule dataset_description:
         log_path("dataset_description", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=500,
-        runtime=5,
+        mem_mb=lambda w, attempt: 500 * attempt,
+        runtime=lambda w, attempt: 5 * attempt,
     conda:
         ENV
     script:

@@ -12,14 +12,14 @@ rule finetune_folds:
         fused=rules.extract_embeddings.output.out_embeddings,
         fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
         t1_only=rules.extract_embeddings.output.out_t1_embeddings,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
         participants=lambda w: bids_file(w, "participants.tsv"),
     output:
         out_folds=FINETUNE_FOLDS,
     params:
         step="bh_models.evaluation.evaluate:write_finetune_folds",
         dataset=lambda w: w.dataset,
-        tasks=lambda w: dataset_entry(w)["targets"],
+        tasks=lambda w: COHORT[w.dataset].tasks,
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         seed=SEED,
@@ -37,19 +37,18 @@ rule finetune_folds:
 
 rule finetune_folds_pooled:
     input:
-        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=DOWNSTREAM),
-        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=DOWNSTREAM),
-        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
-        timeseries=lambda w: [p for d in DOWNSTREAM for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
-        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
+        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=EVALUATED),
+        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=EVALUATED),
+        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=EVALUATED),
+        # The runner passes the listed series and, as timeseries_datasets, each one's dataset.
+        listed_timeseries=lambda w: [p for d in EVALUATED for p in func_manifests(d)],
+        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in EVALUATED],
     output:
         out_folds=FINETUNE_FOLDS_POOLED,
     params:
         step="bh_models.evaluation.evaluate:write_finetune_folds_pooled",
-        datasets=DOWNSTREAM,
-        timeseries_datasets=lambda w: [d for d in DOWNSTREAM
-                                       for _ in per_run(rules.func_preprocess.output.out_timeseries, d)],
-        tasks={d: config["datasets"][d]["targets"] for d in DOWNSTREAM},
+        datasets=EVALUATED,
+        tasks={d: COHORT[d].tasks for d in EVALUATED},
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         seed=SEED,
@@ -70,7 +69,7 @@ rule evaluate_dataset:
         fused=rules.extract_embeddings.output.out_embeddings,
         fmri_only=rules.extract_embeddings.output.out_fmri_embeddings,
         t1_only=rules.extract_embeddings.output.out_t1_embeddings,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
         participants=lambda w: bids_file(w, "participants.tsv"),
         **(dict(finetuned=rules.finetune.output.out_predictions) if FINETUNE else {}),
     output:
@@ -86,7 +85,7 @@ rule evaluate_dataset:
     params:
         step="bh_models.evaluation.evaluate:evaluate_dataset",
         dataset=lambda w: w.dataset,
-        tasks=lambda w: dataset_entry(w)["targets"],
+        tasks=lambda w: COHORT[w.dataset].tasks,  # the tasks whose participants.tsv columns exist
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         n_permutations=config["evaluate"]["n_permutations"],
@@ -96,8 +95,8 @@ rule evaluate_dataset:
         log_path("evaluate_dataset", "{dataset}"),
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=120,
+        mem_mb=lambda w, attempt: 4000 * attempt,
+        runtime=lambda w, attempt: 120 * attempt,
     conda:
         ENV
     script:
@@ -106,11 +105,12 @@ rule evaluate_dataset:
 
 rule evaluate_pooled:
     input:
-        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=DOWNSTREAM),
-        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=DOWNSTREAM),
-        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=DOWNSTREAM),
-        timeseries=lambda w: [p for d in DOWNSTREAM for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
-        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in DOWNSTREAM],
+        fused=expand(rules.extract_embeddings.output.out_embeddings, dataset=EVALUATED),
+        fmri_only=expand(rules.extract_embeddings.output.out_fmri_embeddings, dataset=EVALUATED),
+        t1_only=expand(rules.extract_embeddings.output.out_t1_embeddings, dataset=EVALUATED),
+        # The runner passes the listed series and, as timeseries_datasets, each one's dataset.
+        listed_timeseries=lambda w: [p for d in EVALUATED for p in func_manifests(d)],
+        participants=[str(COHORT[d].bids_root / "participants.tsv") for d in EVALUATED],
         **(dict(finetuned=rules.finetune_pooled.output.out_predictions) if FINETUNE else {}),
     output:
         out_results=report(f"{EVAL}/pooled_desc-probe_results.tsv", caption=caption("eval_pooled_results"),
@@ -124,10 +124,8 @@ rule evaluate_pooled:
                                   category="Evaluation", labels={"dataset": "pooled", "item": "regression"}),
     params:
         step="bh_models.evaluation.evaluate:evaluate_pooled",
-        datasets=DOWNSTREAM,
-        timeseries_datasets=lambda w: [d for d in DOWNSTREAM
-                                       for _ in per_run(rules.func_preprocess.output.out_timeseries, d)],
-        tasks={d: config["datasets"][d]["targets"] for d in DOWNSTREAM},
+        datasets=EVALUATED,
+        tasks={d: COHORT[d].tasks for d in EVALUATED},
         n_folds=config["evaluate"]["n_folds"],
         n_repeats=config["evaluate"]["n_repeats"],
         n_permutations=config["evaluate"]["n_permutations"],
@@ -137,8 +135,8 @@ rule evaluate_pooled:
         log_path("evaluate_pooled", "all"),
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=lambda w, attempt: 8000 * attempt,
+        runtime=lambda w, attempt: 240 * attempt,
     conda:
         ENV
     script:

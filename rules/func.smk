@@ -1,33 +1,27 @@
-# Functional chain, one job per rest BOLD run: motion, coregistration, one-shot
-# resampling to MNI, Schaefer-400 parcellation, fMRIPrep-style confounds, denoising
-# with the named strategy. Then a cohort table.
+# Functional chain, one job per batch of subjects: for each rest BOLD run, motion,
+# coregistration, one-shot resampling to MNI, Schaefer-400 parcellation, fMRIPrep-style
+# confounds, denoising with the named strategy. A run reads its subject's anatomical
+# outputs (the anatomical batch of the same label); a run whose T1w was excluded is
+# excluded with that reason. Then a cohort table.
 
 
 rule func_preprocess:
     input:
-        bold=lambda w: bold_entry(w)["path"],
-        t1w=rules.anat_preprocess.output.out_t1w,
-        t1w_mask=rules.anat_preprocess.output.out_mask,
-        t1w_to_mni=rules.anat_preprocess.output.out_forward,
-        mni_mask=rules.anat_preprocess.output.out_mni_mask,
-        mni_t1w=rules.anat_preprocess.output.out_mni_t1w,
-        gm_probseg=rules.anat_preprocess.output.out_gm_probseg,
-        wm_probseg=rules.anat_preprocess.output.out_wm_probseg,
-        csf_probseg=rules.anat_preprocess.output.out_csf_probseg,
+        # The raw files are tracked through batch_raw_signature (a param); this input only
+        # gives a dated-back manifest (a batch with deleted files) something newer than it.
+        dep_dataset=lambda w: bids_file(w, "dataset_description.json"),
+        needs_manifest=rules.anat_preprocess.output.out_manifest,
     output:
-        out_timeseries=func_path(f"space-{SPACE}_{ATLAS.format(networks=NETWORKS)}_timeseries.tsv"),
-        dep_sidecar=func_path(f"space-{SPACE}_{ATLAS.format(networks=NETWORKS)}_timeseries.json"),
-        out_confounds=func_path("desc-confounds_timeseries.tsv"),
-        dep_confounds_sidecar=func_path("desc-confounds_timeseries.json"),
-        out_carpet=report(f"{PREPROC}/{{dataset}}/sub-{{subject}}/figures/{{bold}}_desc-carpet_bold.png",
-                          caption=caption("func_carpet"), category="Functional", subcategory="{dataset}",
-                          labels={"run": "{bold}", "figure": "carpet and FD"}),
-        out_rois=report(f"{PREPROC}/{{dataset}}/sub-{{subject}}/figures/{{bold}}_desc-rois_bold.png",
-                        caption=caption("func_rois"), category="Functional", subcategory="{dataset}",
-                        labels={"run": "{bold}", "figure": "confound masks"}),
+        out_manifest=MANIFEST["func"],
+        out_qc=report(BATCH_QC["func"],
+                      caption=caption("func_batch_qc"), category="Functional", subcategory="{dataset}",
+                      labels={"batch": "{batch}", "figures": "carpet and FD"}),
     params:
         step="bh_models.func.preprocess:preprocess_bold",
-        tr_sidecar=lambda w: bold_entry(w)["tr"],
+        batch_units=lambda w: batch_units(w, "func"),
+        batch_outputs=lambda w: func_outputs(w.dataset),
+        batch_raw_signature=lambda w: batch_raw_signature(w, "func"),
+        batch_figures=["out_carpet", "out_rois"],
         tr_override=lambda w: dataset_entry(w)["tr_override"],
         resolution=RES,
         networks=NETWORKS,
@@ -43,15 +37,15 @@ rule func_preprocess:
         standardize=config["func"]["standardize"],
         seed=SEED,
     log:
-        log_path("func_preprocess", "{dataset}", "sub-{subject}", "{bold}"),
+        log_path("func_preprocess", "{dataset}", "batch-{batch}"),
     group:
         "preproc"
-    # One thread: ITK runs single-threaded anyway (reproducible coregistration),
-    # and BLAS sums then never depend on the machine's core count.
-    threads: 1
+    # One thread per unit: ITK runs single-threaded anyway (reproducible
+    # coregistration), and BLAS sums then never depend on the machine's core count.
+    threads: lambda w: batch_threads(w, "func")
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=lambda w, threads, attempt: batch_resource(w, "func_preprocess", "mem_mb", threads, attempt),
+        runtime=lambda w, threads, attempt: batch_resource(w, "func_preprocess", "runtime", threads, attempt),
     conda:
         ENV
     script:
@@ -60,7 +54,7 @@ rule func_preprocess:
 
 rule func_qc_table:
     input:
-        sidecars=lambda w: per_run(rules.func_preprocess.output.dep_sidecar, w.dataset),
+        listed_sidecars=lambda w: func_manifests(w.dataset),
     output:
         out_table=report(f"{QC}/{{dataset}}_desc-func_qc.tsv", caption=caption("func_qc_table"),
                          category="Cohort QC", labels={"dataset": "{dataset}", "table": "functional"}),
@@ -70,8 +64,8 @@ rule func_qc_table:
         log_path("func_qc_table", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("func_qc_table", "mem_mb", attempt, dataset_units(w.dataset, "func")),
+        runtime=lambda w, attempt: job_resource("func_qc_table", "runtime", attempt, dataset_units(w.dataset, "func")),
     conda:
         ENV
     script:

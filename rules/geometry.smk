@@ -96,7 +96,7 @@ rule geometry_gradients:
     input:
         # The split tables come from store.smk (included later): named by path.
         splits=expand(f"{STORE}/splits/{{dataset}}_splits.tsv", dataset=PRETRAIN),
-        timeseries=lambda w: [p for d in PRETRAIN for p in per_run(rules.func_preprocess.output.out_timeseries, d)],
+        listed_timeseries=lambda w: [p for d in PRETRAIN for p in func_manifests(d)],
     output:
         out_gradients=GRADIENTS_MATRIX,
         out_figure=report(GRADIENTS_MATRIX.replace(".tsv", ".png"), caption=caption("geometry_gradients"),

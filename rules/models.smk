@@ -153,8 +153,8 @@ rule extract_embeddings:
     input:
         **bundle_inputs(),
         samples=rules.augment_samples.output.out_samples,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
     output:
         out_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-hub_embeddings.tsv",
         out_fmri_embeddings=f"{EMBEDDINGS}/{{dataset}}_desc-harmonixF_embeddings.tsv",
@@ -181,8 +181,8 @@ rule extract_latents:
     input:
         **bundle_inputs(),
         samples=rules.augment_samples.output.out_samples,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
     output:
         out_latents=directory(f"{EMBEDDINGS}/{{dataset}}_desc-latents_tokens"),
     params:
@@ -228,7 +228,7 @@ rule finetune:
 
 rule finetune_pooled:
     input:
-        latents=expand(rules.extract_latents.output.out_latents, dataset=DOWNSTREAM),
+        latents=expand(rules.extract_latents.output.out_latents, dataset=EVALUATED),
         harmonizer_checkpoint=HARMONIZER_CHECKPOINT,
         folds=FINETUNE_FOLDS_POOLED,
     output:
@@ -242,8 +242,8 @@ rule finetune_pooled:
     threads: 2
     resources:
         gpu=min(gpus(), 1),
-        mem_mb=lambda w, input, threads: finetune_resources(input, DOWNSTREAM, threads)["mem_mb"],
-        runtime=lambda w, input, threads: finetune_resources(input, DOWNSTREAM, threads)["runtime"],
+        mem_mb=lambda w, input, threads: finetune_resources(input, EVALUATED, threads)["mem_mb"],
+        runtime=lambda w, input, threads: finetune_resources(input, EVALUATED, threads)["runtime"],
     conda:
         ENV
     script:

@@ -5,23 +5,21 @@
 
 rule exclusion_table:
     input:
-        # After the cohort tables, so the table lists every failure of the run.
-        dep_qc=lambda w: expand(rules.anat_qc_table.output.out_table, dataset=DATASETS)
-        + expand(rules.func_qc_table.output.out_table, dataset=DATASETS),
+        # Every batch manifest (units a step refused) and every index problem table
+        # (units left out before any job): what the run left out, and why.
+        manifests=lambda w: [p for d in DATASETS for p in anat_manifests(d) + func_manifests(d)],
+        problems=expand(rules.index_dataset.output.out_problems, dataset=DATASETS),
     output:
         out_tsv=report(f"{QC}/exclusions.tsv", caption=caption("exclusions"), category="Cohort QC",
                        labels={"dataset": "all", "table": "exclusions"}),
     params:
         step="bh_models.core.exclusions:write_exclusion_table",
-        # The exclusion records under results/exclusions/ are side records of the step
-        # runner (like logs, no rule declares them); the folder follows from the output.
-        results_dir=lambda w, output: str(Path(output.out_tsv).parents[1]),
     log:
         log_path("exclusion_table", "all"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("exclusion_table", "mem_mb", attempt, sum(dataset_units(d, "all") for d in DATASETS)),
+        runtime=lambda w, attempt: job_resource("exclusion_table", "runtime", attempt, sum(dataset_units(d, "all") for d in DATASETS)),
     conda:
         ENV
     script:
@@ -40,8 +38,8 @@ rule boilerplate:
         log_path("boilerplate", "all"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=lambda w, attempt: 1000 * attempt,
+        runtime=lambda w, attempt: 5 * attempt,
     conda:
         ENV
     script:
@@ -64,8 +62,8 @@ rule audit:
         log_path("audit", "all"),
     threads: 2
     resources:
-        mem_mb=2000,
-        runtime=60,
+        mem_mb=lambda w, attempt: job_resource("audit", "mem_mb", attempt, audit_files()),
+        runtime=lambda w, attempt: job_resource("audit", "runtime", attempt, audit_files()),
     conda:
         ENV
     script:

@@ -7,7 +7,7 @@
 
 rule augment_samples:
     input:
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
     output:
         out_samples=f"{STORE}/samples/{{dataset}}_samples.tsv",
     params:
@@ -21,8 +21,8 @@ rule augment_samples:
         log_path("augment_samples", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=20,
+        mem_mb=lambda w, attempt: job_resource("augment_samples", "mem_mb", attempt, dataset_units(w.dataset, "func")),
+        runtime=lambda w, attempt: job_resource("augment_samples", "runtime", attempt, dataset_units(w.dataset, "func")),
     conda:
         ENV
     script:
@@ -33,7 +33,7 @@ rule make_splits:
     input:
         unpack(participants_tsv),
         samples=rules.augment_samples.output.out_samples,
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
     output:
         out_splits=f"{STORE}/splits/{{dataset}}_splits.tsv",
     params:
@@ -47,8 +47,8 @@ rule make_splits:
         log_path("make_splits", "{dataset}"),
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda w, attempt: job_resource("make_splits", "mem_mb", attempt, dataset_units(w.dataset, "anat")),
+        runtime=lambda w, attempt: job_resource("make_splits", "runtime", attempt, dataset_units(w.dataset, "anat")),
     conda:
         ENV
     script:
@@ -58,7 +58,7 @@ rule make_splits:
 rule pack_fmri:
     input:
         samples=rules.augment_samples.output.out_samples,
-        timeseries=lambda w: per_run(rules.func_preprocess.output.out_timeseries, w.dataset),
+        listed_timeseries=lambda w: func_manifests(w.dataset),
         splits=rules.make_splits.output.out_splits,
     output:
         out_dir=directory(f"{STORE}/fmri/{{dataset}}"),
@@ -69,8 +69,8 @@ rule pack_fmri:
         log_path("pack_fmri", "{dataset}"),
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda w, attempt: job_resource("pack_fmri", "mem_mb", attempt, dataset_units(w.dataset, "func")),
+        runtime=lambda w, attempt: job_resource("pack_fmri", "runtime", attempt, dataset_units(w.dataset, "func")),
     conda:
         ENV
     script:
@@ -79,7 +79,7 @@ rule pack_fmri:
 
 rule pack_t1:
     input:
-        t1_tensors=lambda w: per_subject(rules.anat_preprocess.output.out_tensor, w.dataset),
+        listed_t1_tensors=lambda w: anat_manifests(w.dataset),
         splits=rules.make_splits.output.out_splits,
     output:
         out_dir=directory(f"{STORE}/t1/{{dataset}}"),
@@ -91,8 +91,8 @@ rule pack_t1:
         log_path("pack_t1", "{dataset}"),
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda w, attempt: job_resource("pack_t1", "mem_mb", attempt, dataset_units(w.dataset, "anat")),
+        runtime=lambda w, attempt: job_resource("pack_t1", "runtime", attempt, dataset_units(w.dataset, "anat")),
     conda:
         ENV
     script:
@@ -113,8 +113,8 @@ rule store_scaling:
         log_path("store_scaling", "all"),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=lambda w, attempt: 2000 * attempt,
+        runtime=lambda w, attempt: 10 * attempt,
     conda:
         ENV
     script:

@@ -11,6 +11,11 @@ to a data file when it sits in the same folder or a parent folder up to the
 dataset root, and its entities are a subset of the file's entities with the same
 suffix. Values from sidecars nearer to the file override those further away;
 at one level, a sidecar with more entities is more specific and wins.
+
+One bad file never stops the index: a broken symlink (an unfetched git-annex or
+DataLad file), a sidecar that is not valid JSON, a TR that is not a number of
+seconds (e.g. milliseconds), an unreadable participants.tsv become rows of the
+problems table, with the file and the fix, and only what they touch is left out.
 """
 
 from __future__ import annotations
@@ -31,9 +36,16 @@ from bh_models.core.errors import BHInputError
 LABEL_RE = re.compile(r"^[a-zA-Z0-9]+$")
 IMAGE_EXTS = (".nii.gz", ".nii")
 INDEX_COLUMNS = [
-    "dataset", "subject", "session", "datatype", "suffix", "task", "acquisition", "run",
-    "path", "repetition_time", "tr_source",
+    "dataset", "subject", "session", "datatype", "suffix", "task", "acquisition", "run", "echo", "entities",
+    "path", "repetition_time", "tr_source", "echo_time",
 ]
+#: Columns of the problems table. ``kind`` is ``problem`` (left out, with the fix) or
+#: ``note`` (a choice the planner made, e.g. which T1w a session's BOLD uses).
+PROBLEM_COLUMNS = ["dataset", "subject", "session", "path", "kind", "reason", "fix"]
+#: A TR above this (s) is not resting-state fMRI: most likely milliseconds (func.tr checks the same bound).
+MAX_TR_S = 10.0
+#: BIDS entities that can tell two runs of a subject apart, in BIDS order (everything after ``sub``).
+RUN_ENTITIES = ("ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part", "chunk")
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class Filters:
     session: str | None = None
     run: str | None = None
     acquisition: str | None = None
+    echo: str | None = None  # multi-echo runs: keep this echo instead of combining them
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> Filters:
@@ -53,6 +66,7 @@ class Filters:
             session=_opt_str(cfg.get("session")),
             run=_opt_str(cfg.get("run")),
             acquisition=_opt_str(cfg.get("acquisition")),
+            echo=_opt_str(cfg.get("echo")),
         )
 
 
@@ -72,12 +86,12 @@ class BidsIndex:
         One row per usable subject: ``subject``, ``has_t1w``, ``n_bold``,
         ``paired`` plus the ``participants.tsv`` columns.
     problems : DataFrame
-        One row per excluded item: ``dataset``, ``subject``, ``path``, ``reason``.
+        One row per item left out or choice made (:data:`PROBLEM_COLUMNS`).
     """
 
     runs: pd.DataFrame
     subjects: pd.DataFrame
-    problems: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["dataset", "subject", "path", "reason"]))
+    problems: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PROBLEM_COLUMNS))
 
 
 def parse_entities(name: str) -> tuple[dict[str, str], str, str]:
@@ -99,6 +113,30 @@ def parse_entities(name: str) -> tuple[dict[str, str], str, str]:
         if sep:
             entities[key] = value
     return entities, suffix, ext
+
+
+def run_entities(ents: Mapping[str, str], *, drop: tuple[str, ...] = ()) -> str:
+    """``ses-1_task-rest_dir-LR_run-2``: the run-distinguishing entities of a file, in BIDS order."""
+    return "_".join(f"{key}-{ents[key]}" for key in RUN_ENTITIES if key in ents and key not in drop)
+
+
+def problem(subject: str, path: object, reason: str, fix: str = "", *, session: str = "", kind: str = "problem") -> dict:
+    """One row of the problems table (without the dataset column)."""
+    return dict(subject=subject, session=session or "", path=str(path), kind=kind, reason=reason, fix=fix)
+
+
+def tr_problem(value: object) -> tuple[str, str] | None:
+    """(reason, fix) when a RepetitionTime is not a plausible number of seconds, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
+        return (f"RepetitionTime {value!r} is not a number",
+                "write RepetitionTime in seconds in the sidecar, or set datasets.<name>.tr_override")
+    if value <= 0:
+        return (f"RepetitionTime {value} s is not positive",
+                "write RepetitionTime in seconds in the sidecar, or set datasets.<name>.tr_override")
+    if value > MAX_TR_S:
+        return (f"RepetitionTime {value} is above {MAX_TR_S:g} s: it looks like milliseconds (BIDS wants seconds)",
+                f"write it in seconds ({value / 1000:g}) in the sidecar, or set datasets.<name>.tr_override")
+    return None
 
 
 def check_dataset_root(root: str | os.PathLike, *, dataset: str = "") -> Path:
@@ -171,6 +209,10 @@ def _scan(path: str) -> list[os.DirEntry]:
         return []
 
 
+def _broken_link(entry: os.DirEntry) -> bool:
+    return entry.is_symlink() and not os.path.exists(entry.path)
+
+
 def _index_subject(
     sub_entry_path: str, subject: str, root_bold_sidecars: list, filters: Filters, tr_override: float | None,
     root_cache: dict[str, dict],
@@ -183,7 +225,8 @@ def _index_subject(
     for ses in session_dirs:
         label = ses.name[4:]
         if not LABEL_RE.match(label):
-            problems.append(dict(subject=subject, path=ses.path, reason=f"session label '{label}' has characters BIDS forbids; rename to letters and digits only"))
+            problems.append(problem(subject, ses.path, f"session label '{label}' has characters BIDS forbids",
+                                    "rename the folder and its files to letters and digits only"))
             continue
         containers.append((label, ses.path, _scan(ses.path), _sidecars(sub_entries, "bold")))
     json_cache = dict(root_cache)  # top-level sidecars are read once per dataset
@@ -199,7 +242,12 @@ def _index_subject(
                     continue
                 ents, suffix, _ = parse_entities(f.name)
                 if entry.name == "anat" and suffix == "T1w":
-                    rows.append(_row(subject, session, "anat", suffix, ents, f.path, None, None))
+                    if _broken_link(f):
+                        problems.append(problem(subject, f.path, "T1w is a broken symlink (a git-annex/DataLad file "
+                                                "whose content is not fetched)", "fetch it (datalad get / git annex "
+                                                "get), or exclude the subject", session=session))
+                        continue
+                    rows.append(_row(subject, session, "anat", suffix, ents, f.path, None, None, None))
                 elif entry.name == "func" and suffix == "bold":
                     if filters.task is not None and ents.get("task") != filters.task:
                         continue
@@ -207,40 +255,81 @@ def _index_subject(
                         continue
                     if filters.acquisition is not None and ents.get("acq") != filters.acquisition:
                         continue
+                    if filters.echo is not None and "echo" in ents and ents["echo"] != filters.echo:
+                        continue
+                    if _broken_link(f):
+                        problems.append(problem(subject, f.path, "BOLD run is a broken symlink (a git-annex/DataLad "
+                                                "file whose content is not fetched)", "fetch it (datalad get / git "
+                                                "annex get), or exclude the run (datasets.<name>.exclude_runs)",
+                                                session=session))
+                        continue
                     levels = [root_bold_sidecars, sub_level, _sidecars(entries, "bold"), _sidecars(dt_entries, "bold")]
-                    tr, source = resolve_sidecar_field(ents, levels, "RepetitionTime", json_cache)
+                    try:
+                        tr, source = resolve_sidecar_field(ents, levels, "RepetitionTime", json_cache)
+                        echo_time = (resolve_sidecar_field(ents, levels, "EchoTime", json_cache)[0]
+                                     if "echo" in ents else None)
+                    except BHInputError as exc:  # a sidecar that is not valid JSON: this run only
+                        problems.append(problem(subject, exc.path, f"{exc.problem} (a sidecar of {f.name})",
+                                                exc.fix, session=session))
+                        continue
                     if tr_override is not None:
                         tr, source = float(tr_override), "config:tr_override"
                     if tr is None:
-                        problems.append(dict(
-                            subject=subject, path=f.path,
-                            reason="no RepetitionTime in any applicable sidecar (BIDS inheritance) and no tr_override; "
-                                   "add RepetitionTime to the run's or a top-level task-<label>_bold.json, "
-                                   "or set datasets.<name>.tr_override in config.yaml",
-                        ))
+                        problems.append(problem(
+                            subject, f.path, "no RepetitionTime in any applicable sidecar (BIDS inheritance) "
+                            "and no tr_override", "add RepetitionTime to the run's or a top-level "
+                            "task-<label>_bold.json, or set datasets.<name>.tr_override in config.yaml",
+                            session=session))
                         continue
-                    rows.append(_row(subject, session, "func", suffix, ents, f.path, float(tr), source))
+                    wrong = tr_problem(tr)
+                    if wrong is not None:
+                        problems.append(problem(subject, source if source and not source.startswith("config")
+                                                else f.path, f"{wrong[0]} (run {f.name})", wrong[1],
+                                                session=session))
+                        continue
+                    rows.append(_row(subject, session, "func", suffix, ents, f.path, float(tr), source, echo_time))
     return rows, problems
 
 
-def _row(subject, session, datatype, suffix, ents, path, tr, source) -> dict:
+def _row(subject, session, datatype, suffix, ents, path, tr, source, echo_time) -> dict:
     return dict(
         subject=subject, session=session, datatype=datatype, suffix=suffix,
-        task=ents.get("task"), acquisition=ents.get("acq"), run=ents.get("run"),
-        path=path, repetition_time=tr, tr_source=source,
+        task=ents.get("task"), acquisition=ents.get("acq"), run=ents.get("run"), echo=ents.get("echo"),
+        entities=run_entities(ents), path=path, repetition_time=tr, tr_source=source,
+        echo_time=float(echo_time) if isinstance(echo_time, (int, float)) and not isinstance(echo_time, bool) else None,
     )
 
 
 def read_participants(root: Path) -> pd.DataFrame:
-    """``participants.tsv`` keyed by subject label (``sub-`` stripped)."""
+    """``participants.tsv`` keyed by subject label (``sub-`` stripped); empty when absent.
+
+    Raises
+    ------
+    BHInputError
+        When the file cannot be parsed or has no ``participant_id`` column.
+    """
     path = root / "participants.tsv"
     if not path.is_file():
         return pd.DataFrame({"subject": pd.Series(dtype=str)})
-    table = pd.read_csv(path, sep="\t", dtype={"participant_id": str}, na_values=["n/a", ""])
+    try:
+        table = pd.read_csv(path, sep="\t", dtype={"participant_id": str}, na_values=["n/a", ""])
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise BHInputError(path, f"participants.tsv is not a readable TSV ({type(exc).__name__}: {exc})",
+                           "fix the file (tab-separated, one header row)") from exc
     if "participant_id" not in table:
         raise BHInputError(path, "no participant_id column", "add a participant_id column with sub-<label> values")
     table.insert(0, "subject", table.pop("participant_id").str.removeprefix("sub-"))
     return table
+
+
+def participants_columns(root: Path) -> list[str] | None:
+    """The header of ``participants.tsv`` (one line read), or None when the file is absent or unreadable."""
+    path = Path(root) / "participants.tsv"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\n").split("\t")
+    except OSError:
+        return None
 
 
 def index_dataset(
@@ -280,22 +369,25 @@ def index_dataset(
     filters = filters or Filters()
     excluded = set(exclude_subjects)
     root_entries = _scan(str(root))
-    root_sidecars = _sidecars(root_entries, "bold")
-    root_cache = {path: _read_json(path) for _, path in root_sidecars}
     problems: list[dict] = []
+    root_sidecars, root_cache = [], {}
+    for ents, path in _sidecars(root_entries, "bold"):
+        try:
+            root_cache[path] = _read_json(path)
+            root_sidecars.append((ents, path))
+        except BHInputError as exc:  # ignored; the runs it would have given a TR list their own problem
+            problems.append(problem("", path, exc.problem, exc.fix + " (the dataset's runs are indexed without it)"))
     subjects: list[tuple[str, str]] = []
     for entry in root_entries:
         if not entry.name.startswith("sub-") or not entry.is_dir():
             continue
         label = entry.name[4:]
         if not LABEL_RE.match(label):
-            problems.append(dict(
-                subject=label, path=entry.path,
-                reason=f"subject label '{label}' has characters BIDS forbids (only letters and digits); "
-                       "rename the folder and its files, e.g. sub-01",
-            ))
+            problems.append(problem(label, entry.path, f"subject label '{label}' has characters BIDS forbids "
+                                    "(only letters and digits)", "rename the folder and its files, e.g. sub-01"))
         elif label in excluded:
-            problems.append(dict(subject=label, path=entry.path, reason="listed in exclude_subjects in config.yaml"))
+            problems.append(problem(label, entry.path, "listed in exclude_subjects in config.yaml",
+                                    "remove it from datasets.<name>.exclude_subjects to process it"))
         else:
             subjects.append((entry.path, label))
     subjects.sort(key=lambda item: item[1])
@@ -320,10 +412,20 @@ def index_dataset(
     runs = pd.DataFrame(rows, columns=INDEX_COLUMNS[1:])
     runs.insert(0, "dataset", dataset)
     runs = runs.sort_values(["subject", "datatype", "path"], kind="stable").reset_index(drop=True)
-    problem_table = pd.DataFrame(problems, columns=["subject", "path", "reason"])
-    problem_table.insert(0, "dataset", dataset)
-    problem_table = problem_table.sort_values(["subject", "path"], kind="stable").reset_index(drop=True)
-    return BidsIndex(runs=runs, subjects=_subject_table(runs, read_participants(root)), problems=problem_table)
+    try:
+        participants = read_participants(root)
+    except BHInputError as exc:  # only the tasks and strata that need it are affected
+        problems.append(problem("", exc.path, exc.problem, exc.fix))
+        participants = pd.DataFrame({"subject": pd.Series(dtype=str)})
+    return BidsIndex(runs=runs, subjects=_subject_table(runs, participants),
+                     problems=problem_table(problems, dataset=dataset))
+
+
+def problem_table(rows: list[dict], *, dataset: str) -> pd.DataFrame:
+    """Problems as a sorted table (:data:`PROBLEM_COLUMNS`)."""
+    table = pd.DataFrame(rows, columns=PROBLEM_COLUMNS[1:])
+    table.insert(0, "dataset", dataset)
+    return table.sort_values(["subject", "session", "path", "kind"], kind="stable").reset_index(drop=True)
 
 
 def _subject_table(runs: pd.DataFrame, participants: pd.DataFrame) -> pd.DataFrame:

@@ -10,14 +10,25 @@ place then does what every job needs and no step should repeat:
 - thread limits for numpy/torch/ITK from the rule's ``threads``;
 - on success, a provenance record (inputs and outputs with sha256, params,
   config hash, versions, host, SLURM job id, times, seed);
-- on bad input (:class:`~bh_models.core.errors.BHInputError`), an exclusion record
-  naming the subject, file and reason, then the job fails for that subject only.
+- inputs named ``listed_<arg>`` are batch manifests: the step receives ``<arg>``,
+  the files the manifests list for it (:mod:`bh_models.core.batches`), and, when
+  it takes a ``<arg>_datasets`` parameter the rule does not set, each file's
+  dataset; the provenance record lists the manifests and the files;
+- a rule with a ``batch_units`` param is a batch job: its ``params.step`` is
+  the *unit* step, run once per unit by :func:`bh_models.core.batches.run_units`,
+  which writes one provenance or exclusion record per unit;
+- a step that takes ``job_context`` receives the job's rule, wildcards, config
+  and results folder (:class:`bh_models.core.batches.JobContext`).
+
+A job-level ``BHInputError`` (a dataset-level file is unusable) fails the job
+with its message; exclusion records are per unit, written by batch jobs only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -87,6 +98,9 @@ def _coerce_paths(named: Mapping[str, Any]) -> dict[str, Any]:
 #: to its outputs, or the files inside a folder given to it as a param).
 DEPENDENCY_PREFIX = "dep_"
 
+#: The step every batch job runs (it calls the rule's unit step once per unit).
+BATCH_STEP = "bh_models.core.batches:run_units"
+
 
 def _passed(named: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in named.items() if not k.startswith(DEPENDENCY_PREFIX)}
@@ -112,6 +126,37 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def expand_listed(inputs: Mapping[str, Any], func: Callable[..., Any],
+                  params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[str]]]:
+    """Split a job's inputs into the step's keyword arguments, extra params and what provenance records.
+
+    Returns ``(kwargs, extra_params, recorded)``: ``listed_<arg>`` manifests become
+    ``kwargs[<arg>]`` (the listed files) and, when ``func`` takes ``<arg>_datasets``
+    and ``params`` lacks it, ``extra_params[<arg>_datasets]``; ``recorded`` holds the
+    manifests under their own name and the listed files under ``<arg>``.
+    """
+    from bh_models.core.batches import LISTED_COLUMNS, LISTED_PREFIX, listed_files
+
+    accepted = inspect.signature(func).parameters
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    recorded = _as_lists(inputs)
+    for name, value in _passed(inputs).items():
+        if not name.startswith(LISTED_PREFIX):
+            kwargs[name] = value
+            continue
+        arg = name[len(LISTED_PREFIX):]
+        if arg not in LISTED_COLUMNS:
+            raise ValueError(f"input {name}: no manifest column is known for '{arg}' (core.batches.LISTED_COLUMNS)")
+        manifests = value if isinstance(value, list) else [value]
+        files = listed_files(manifests=manifests, column=LISTED_COLUMNS[arg])
+        kwargs[arg] = [path for path, _ in files]
+        recorded[arg] = [path for path, _ in files]
+        if f"{arg}_datasets" in accepted and f"{arg}_datasets" not in params:
+            extra[f"{arg}_datasets"] = [dataset for _, dataset in files]
+    return kwargs, extra, recorded
+
+
 def run_job(
     *,
     step: str,
@@ -124,7 +169,7 @@ def run_job(
     threads: int = 1,
     log_file: str | None = None,
 ) -> Any:
-    """Call the step function and record provenance or an exclusion.
+    """Call the step function and record its provenance.
 
     Parameters
     ----------
@@ -148,13 +193,17 @@ def run_job(
     log.info("rule %s %s: %s", rule, dict(wildcards), step)
     try:
         func = resolve(step)
-        result = func(**_coerce_paths(_passed(inputs)), **_coerce_paths(_passed(outputs)), **params, threads=threads)
-    except BHInputError as exc:
-        log.error("bad input, subject excluded from this step: %s", exc)
-        from bh_models.core.exclusions import write_exclusion
+        kwargs, extra, recorded_inputs = expand_listed(inputs, func, params)
+        context = {}
+        if "job_context" in inspect.signature(func).parameters:
+            from bh_models.core.batches import JobContext
 
-        write_exclusion(results_dir=results_dir, dataset=wildcards.get("dataset", ""),
-                        subject=wildcards.get("subject", ""), rule=rule, reason=str(exc), file=exc.path)
+            context["job_context"] = JobContext(rule=rule, wildcards=dict(wildcards), config=dict(config),
+                                                results_dir=str(results_dir), log_file=log_file)
+        result = func(**_coerce_paths(kwargs), **_coerce_paths(_passed(outputs)), **params, **extra, **context,
+                      threads=threads)
+    except BHInputError as exc:
+        log.error("bad input: %s", exc)
         raise
     except Exception:
         log.error("step %s failed:\n%s", step, traceback.format_exc())
@@ -166,7 +215,7 @@ def run_job(
 
     record_job(
         results_dir=results_dir, rule=rule, wildcards=dict(wildcards),
-        inputs=_as_lists(inputs), outputs=with_sidecars(_as_lists(outputs)), params=dict(params),
+        inputs=recorded_inputs, outputs=with_sidecars(_as_lists(outputs)), params=dict(params),
         config=dict(config), seed=params.get("seed", config.get("seed")),
         started=started, finished=_now(), log=log_file,
         bids_roots={name: entry["bids_root"] for name, entry in config.get("datasets", {}).items()},
@@ -183,6 +232,9 @@ def run_snakemake_job(smk: Any) -> Any:
     """
     params = dict(smk.params.items())
     step = params.pop("step")
+    if "batch_units" in params:  # a batch job: the rule's step is the unit step
+        params = {"unit_step": step, **params}
+        step = BATCH_STEP
     nproc = int(getattr(smk.resources, "gpu", 0) or 0)
     job = dict(
         step=step, rule=smk.rule, inputs=_named(smk.input), outputs=_named(smk.output),

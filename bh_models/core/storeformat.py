@@ -41,7 +41,10 @@ SAMPLE_COLUMNS = (
     "n_patches", "max_patches", "padded_length", "cut",
 )
 
-_ENTITY = re.compile(r"(?:^|_)(sub|ses|task|run|acq)-([A-Za-z0-9]+)")
+#: BIDS entities that can tell two runs of a subject apart, in BIDS order (after ``sub``).
+#: A derivative's own entities (space, atlas, seg, scale, desc, res) are not among them.
+RUN_ENTITIES = ("ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part", "chunk")
+_ENTITY = re.compile(r"(?:^|_)(sub|ses|task|acq|ce|rec|dir|run|echo|part|chunk)-([A-Za-z0-9]+)")
 
 
 def parse_entities(name: str) -> dict[str, str]:
@@ -50,21 +53,32 @@ def parse_entities(name: str) -> dict[str, str]:
     Parameters
     ----------
     name : str
-        A BIDS file name such as ``sub-01_ses-1_task-rest_run-2_..._timeseries.tsv``.
+        A BIDS file name such as ``sub-01_ses-1_task-rest_dir-LR_run-2_..._timeseries.tsv``.
 
     Returns
     -------
     dict
-        ``subject``, ``session``, ``task``, ``run`` and ``acq`` (empty string when absent).
+        ``subject``, ``session``, ``task``, ``run``, ``acq`` and the other
+        :data:`RUN_ENTITIES` by their BIDS keys (``ce``, ``rec``, ``dir``, ``echo``,
+        ``part``, ``chunk``); empty string when absent.
     """
     found = dict(_ENTITY.findall(Path(name).name))
-    return {
+    out = {
         "subject": found.get("sub", ""),
         "session": found.get("ses", ""),
         "task": found.get("task", ""),
         "run": found.get("run", ""),
         "acq": found.get("acq", ""),
     }
+    out.update({key: found.get(key, "") for key in ("ce", "rec", "dir", "echo", "part", "chunk")})
+    return out
+
+
+def run_label(name: str) -> str:
+    """``ses-1_task-rest_dir-LR_run-2``: every entity of a file name that tells runs apart, in BIDS order."""
+    ent = parse_entities(name)
+    keys = {"ses": "session", "task": "task", "acq": "acq", "run": "run"}
+    return "_".join(f"{key}-{ent[keys.get(key, key)]}" for key in RUN_ENTITIES if ent[keys.get(key, key)])
 
 
 def write_samples_table(samples: pd.DataFrame, path: Path) -> None:

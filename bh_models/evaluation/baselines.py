@@ -6,6 +6,10 @@
 * Functional connectivity: per run, the Pearson correlation between the cleaned
   parcel time series, Fisher z-transformed, upper triangle (400 parcels -> 79,800
   features); runs of a subject are averaged in z. The same linear probe is then fitted.
+  A parcel whose series is constant in a run (no usable voxel in the field of view:
+  the functional step fills it with 0 and lists it in the run's sidecar) has no
+  correlation; its pairs are set to 0, and how many runs, parcels and features that
+  touched is counted, logged and reported with the results (:attr:`FeatureTable.notes`).
 * Chance: the bias-only probe fitted on the training fold without features (a
   constant 0.5 under balanced class weights, else the training class frequency;
   the training mean for regression).
@@ -13,9 +17,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +33,16 @@ from bh_models.evaluation.targets import subject_label
 
 __desc__ = (
     "Baselines were evaluated on the same folds: a functional-connectivity probe on the "
-    "Fisher z-transformed Pearson correlations between the Schaefer-400 parcel time series "
-    "(upper triangle, averaged over runs), probes on the fMRI-only and T1-only embeddings, "
-    "and a feature-free chance model fitted on the training labels alone (a constant 0.5 "
-    "under balanced class weights; the training mean for regression)."
+    "Fisher z-transformed Pearson correlations between the parcel time series of the "
+    "{atlas.name} atlas (Schaefer et al. 2018; {atlas.parcels} parcels in the "
+    "{atlas.networks}-network order, resampled to {template.name}; upper triangle, averaged "
+    "over runs; pairs with a parcel that had no signal in a run were set to 0 and counted), "
+    "probes on the fMRI-only and T1-only embeddings, and a feature-free chance model fitted "
+    "on the training labels alone (a constant 0.5 under balanced class weights; the training "
+    "mean for regression)."
 )
+
+log = logging.getLogger("bh_models")
 
 _SUBJECT_IN_NAME = re.compile(r"^sub-([A-Za-z0-9]+)_")
 # arctanh(0.999999) ~ 7.25: keeps a perfectly correlated pair (duplicate parcel) finite.
@@ -52,12 +62,16 @@ class FeatureTable:
     values : numpy.ndarray, shape (n_rows, n_features)
     source : str
         Where the features came from, for error messages.
+    notes : dict
+        What the results should report about these features (e.g. the FC pairs set
+        to 0 because a parcel was constant); empty when there is nothing to say.
     """
 
     name: str
     subjects: np.ndarray
     values: np.ndarray
     source: str
+    notes: dict = field(default_factory=dict)
 
     @property
     def n_features(self) -> int:
@@ -154,6 +168,12 @@ def subject_from_filename(*, path: Path) -> str:
     return match.group(1)
 
 
+def constant_parcels(*, timeseries: np.ndarray) -> np.ndarray:
+    """Columns of a (n_timepoints, n_parcels) series that do not vary (bool, shape (n_parcels,))."""
+    x = np.asarray(timeseries, float)
+    return np.sqrt(((x - x.mean(axis=0)) ** 2).sum(axis=0)) <= 0
+
+
 def connectivity_features(*, timeseries: np.ndarray) -> np.ndarray:
     """Fisher z of the Pearson correlation between parcels, upper triangle.
 
@@ -165,7 +185,8 @@ def connectivity_features(*, timeseries: np.ndarray) -> np.ndarray:
     -------
     numpy.ndarray, shape (n_parcels * (n_parcels - 1) / 2,)
         Row-major upper triangle without the diagonal. A constant (empty) parcel
-        has correlation 0 with every other parcel.
+        has no correlation: its pairs are 0 (:func:`constant_parcels` finds them, and
+        :func:`fc_feature_table` counts and reports them).
     """
     x = np.asarray(timeseries, float)
     x = x - x.mean(axis=0)
@@ -204,6 +225,8 @@ def fc_feature_table(*, timeseries: Sequence[Path], subjects: Iterable[str] | No
     header: list[str] | None = None
     first: Path | None = None
     labels, rows = [], []
+    constant: dict[str, set[str]] = {}  # subject -> parcels constant in one of its runs
+    runs_with_constant, zero_pairs = 0, 0
     for label in tqdm(sorted(by_subject), desc="functional connectivity", disable=None):
         total = None
         for path in by_subject[label]:
@@ -216,15 +239,36 @@ def fc_feature_table(*, timeseries: Sequence[Path], subjects: Iterable[str] | No
             if len(table) < 3 or not np.isfinite(table.to_numpy(float)).all():
                 raise BHInputError(path, "fewer than 3 time points or non-finite values",
                                    "re-run the time-series extraction for this run")
-            z = connectivity_features(timeseries=table.to_numpy(float))
+            values = table.to_numpy(float)
+            flat = constant_parcels(timeseries=values)
+            if flat.any():
+                k, n = int(flat.sum()), flat.size
+                runs_with_constant += 1
+                zero_pairs += k * (n - k) + k * (k - 1) // 2
+                constant.setdefault(label, set()).update(np.asarray(header)[flat].tolist())
+            z = connectivity_features(timeseries=values)
             total = z if total is None else total + z
         labels.append(label)
         rows.append((total / len(by_subject[label])).astype(np.float32))
     if not rows:
         raise BHInputError("timeseries", "no time-series file for the requested subjects",
                            "run the functional preprocessing first")
+    n_runs = sum(len(v) for v in by_subject.values())
+    n_features = rows[0].size
+    notes = {
+        "runs": n_runs,
+        "runs_with_constant_parcels": runs_with_constant,
+        "subjects_with_constant_parcels": len(constant),
+        "constant_parcels": {subject: sorted(parcels) for subject, parcels in sorted(constant.items())},
+        "pairs_set_to_zero": zero_pairs,
+        "fraction_of_features_set_to_zero": zero_pairs / float(n_runs * n_features),
+    }
+    if runs_with_constant:
+        log.warning("FC baseline: %d of %d runs (%d subjects) have parcels without signal; %d correlations "
+                    "(%.3g %% of the run-level features) were set to 0 and are reported with the results",
+                    runs_with_constant, n_runs, len(constant), zero_pairs, 100 * notes["fraction_of_features_set_to_zero"])
     return FeatureTable(name=name, subjects=np.array(labels), values=np.vstack(rows),
-                        source=f"{len(by_subject)} subjects' parcel time series")
+                        source=f"{len(by_subject)} subjects' parcel time series", notes=notes)
 
 
 def chance_cross_validated_scores(*, labels: np.ndarray, splits: Sequence[Split], task_type: str,

@@ -45,7 +45,7 @@ from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.finetuneformat import read_predictions, write_folds
 from bh_models.core.jsonio import atomic_write_text, read_json, sidecar_path, write_json
 from bh_models.evaluation.finetune import finetuned_scores, folds_table
-from bh_models.evaluation.permutation import PermutationResult, permutation_test
+from bh_models.evaluation.permutation import PermutationResult, observed_and_permuted
 from bh_models.evaluation.probe import (
     CLASSIFICATION_METRICS,
     DEFAULT_ALPHA_GRID,
@@ -306,7 +306,8 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid),
                 "ridge_alpha_grid": list(ridge_alpha_grid), "class_weight": class_weight,
-                "seed": seed, "finetune": dict(finetune or {})}
+                "seed": seed, "finetune": dict(finetune or {}),
+                "feature_notes": {t.name: t.notes for t in feature_tables if t.notes}}
     outcomes = _evaluate_tasks(specs=specs, participants=table, participants_path=Path(participants),
                                feature_tables=feature_tables, settings=settings,
                                finetuned=read_finetuned(path=finetuned, dataset=dataset), threads=threads)
@@ -395,7 +396,9 @@ def evaluate_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid), "ridge_alpha_grid": list(ridge_alpha_grid),
                 "class_weight": class_weight, "seed": seed, "datasets": list(datasets),
-                "finetune": dict(finetune or {})}
+                "finetune": dict(finetune or {}),
+                "feature_notes": {m: [t.notes for t in parts[m] if t.notes] for m in parts
+                                  if any(t.notes for t in parts[m])}}
     outcomes = _evaluate_tasks(specs=specs, participants=combined,
                                participants_path=" + ".join(map(str, participants)),
                                feature_tables=feature_tables, settings=settings,
@@ -557,10 +560,10 @@ def evaluate_task(*, spec: TaskSpec, participants: pd.DataFrame, participants_pa
         labels=labels, splits=folds, task_type=spec.type, class_weight=class_weight))
     models = []
     for name, (n_features, score) in scorers.items():
-        observed = score(target.y, splits)
-        test = permutation_test(score=score, y=target.y, splits=splits, task_type=spec.type,
-                                metric=PRIMARY_METRIC[spec.type], n_permutations=n_permutations,
-                                seed=derived_seed(seed=seed, keys=(_PERMUTATION_STREAM,)))
+        # The first repeat is fitted once, for the observed labels and the permutations together.
+        observed, test = observed_and_permuted(score=score, y=target.y, splits=splits, task_type=spec.type,
+                                               metric=PRIMARY_METRIC[spec.type], n_permutations=n_permutations,
+                                               seed=derived_seed(seed=seed, keys=(_PERMUTATION_STREAM,)))
         metrics = metrics_by_repeat(labels=target.y, scores=observed.scores, task_type=spec.type)
         models.append(ModelOutcome(
             model=name, n_features=n_features,
@@ -664,7 +667,9 @@ def _results_sidecar(*, dataset: str, outcomes: Sequence[TaskOutcome], settings:
     return {
         "Description": "Linear-probe evaluation of Brain Harmony embeddings and baselines",
         "Dataset": dataset,
-        "Settings": dict(settings),
+        "Settings": {k: v for k, v in settings.items() if k != "feature_notes"},
+        # E.g. the FC pairs set to 0 because a parcel had no signal in a run (baselines.fc_feature_table).
+        "FeatureNotes": dict(settings.get("feature_notes", {})),
         "Tasks": {
             o.spec.name: {
                 "Column": o.spec.column, "Type": o.spec.type, "Positive": o.spec.positive,

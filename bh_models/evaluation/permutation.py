@@ -195,3 +195,42 @@ def permutation_test(*, score: Callable[[np.ndarray, Sequence[Split]], ProbeResu
     result = score(labels, first)
     return permutation_test_from_scores(labels=labels, scores=result.scores, task_type=task_type,
                                         metric=metric)
+
+
+def observed_and_permuted(*, score: Callable[[np.ndarray, Sequence[Split]], ProbeResult], y: np.ndarray,
+                          splits: Sequence[Split], task_type: str, metric: str, n_permutations: int = 200,
+                          seed: int = 0) -> tuple[ProbeResult, PermutationResult]:
+    """Observed-label scores of every repeat and the permutation test, fitting the first repeat once.
+
+    The first repeat's folds are fitted for the observed labels and the permutations in
+    one label matrix (column 0 = observed; the solvers fit every column independently),
+    and the other repeats for the observed labels alone. Calling ``score(y, splits)``
+    and then :func:`permutation_test` would fit the first repeat twice.
+
+    Parameters
+    ----------
+    score, y, splits, task_type, metric, n_permutations, seed
+        As in :func:`permutation_test`.
+
+    Returns
+    -------
+    observed : ProbeResult
+        What ``score(y, splits)`` returns: scores (n_repeats, n_subjects, 1) and the
+        penalty chosen in every split, in the order of ``splits``.
+    test : PermutationResult
+    """
+    first = [s for s in splits if s.repeat == 0]
+    others = [s for s in splits if s.repeat != 0]
+    labels = permuted_labels(y=y, blocks=fold_of_subjects(splits=first), n_permutations=n_permutations, seed=seed)
+    batch = score(labels, first)
+    test = permutation_test_from_scores(labels=labels, scores=batch.scores, task_type=task_type, metric=metric)
+    n_repeats = max(s.repeat for s in splits) + 1
+    scores = np.full((n_repeats, len(y), 1), np.nan)
+    scores[0] = batch.scores[0, :, :1]
+    chosen = {id(s): batch.selected[i, :1] for i, s in enumerate(first)}
+    if others:
+        rest = score(np.asarray(y), others)
+        scores[1:] = rest.scores[1:, :, :1]
+        chosen.update({id(s): rest.selected[i, :1] for i, s in enumerate(others)})
+    selected = np.stack([chosen[id(s)] for s in splits])
+    return ProbeResult(scores=scores, selected=selected), test

@@ -21,10 +21,13 @@ Speed
 -----
 Everything that depends only on the features (covariate fit, scaling, an SVD of
 the training fold) is computed once per fold and shared by many label columns.
-The solvers fit all columns at once (batched Newton for logistic, closed form for
-ridge) in the rank-r space of the training fold (r <= n_train). A label-permutation
-test is then just more columns: :func:`cross_validated_scores` with a label matrix
-whose column 0 is the observed labels and the others are permutations.
+The solvers fit all columns at once (batched Newton-CG for logistic, closed form for
+ridge) in the rank-r space of the training fold (r <= n_train). The Newton steps use
+Hessian-vector products only, so memory grows as n x columns, never as n x r^2. A
+label-permutation test is then just more columns: :func:`cross_validated_scores` with
+a label matrix whose column 0 is the observed labels and the others are permutations
+(:func:`bh_models.evaluation.permutation.observed_and_permuted` shares the first
+repeat's fits between the observed labels and the permutations).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ GREATER_IS_BETTER = {"accuracy": True, "balanced_accuracy": True, "f1": True,
 # penalty, so np.argmin's first-index tie-break prefers the simpler model.
 DEFAULT_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_ALPHA_GRID = (1e5, 1e4, 1e3, 1e2, 1e1, 1.0, 1e-1)
-# Elements of a (columns x rows x parameters) work array per solver batch (~160 MB float64).
+# Elements of a (columns x rows) work array per solver batch (the Newton-CG solver's largest
+# arrays are columns x rows and columns x parameters, ~160 MB float64 at this bound).
 _BATCH_ELEMENTS = 20_000_000
 
 
@@ -286,11 +290,15 @@ def _balanced_weights(y: np.ndarray) -> np.ndarray:
 
 def fit_logistic_batch(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, sample_weight: np.ndarray,
                        max_iter: int = 100, tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
-    """L2 logistic regressions for many label columns at once (batched Newton).
+    """L2 logistic regressions for many label columns at once (batched Newton-CG).
 
     Minimises, per column b, ``C_b * sum_i w_ib * logloss(y_ib, z_i . beta_b + a_b)
     + 0.5 * ||beta_b||^2`` with an unpenalised intercept ``a_b``, i.e. sklearn's
-    ``LogisticRegression(C=C_b)`` objective. Newton steps with backtracking.
+    ``LogisticRegression(C=C_b)`` objective. Each Newton step is solved by
+    conjugate gradients preconditioned with the Hessian's diagonal, using
+    Hessian-vector products: ``Z^T (D (Z v)) + v / C``, two (n x p) @ (p x B)
+    products, so nothing of size n x p^2 or B x p^2 is ever formed (memory grows
+    as n x B, not as n x r^2), then a backtracking line search.
 
     Parameters
     ----------
@@ -313,29 +321,33 @@ def fit_logistic_batch(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, sample_we
     """
     n, r = z.shape
     n_columns = y.shape[1]
-    per_batch = max(1, _BATCH_ELEMENTS // (n * (r + 1)))
+    per_batch = max(1, _BATCH_ELEMENTS // (4 * n + 6 * (r + 1)))  # the solver keeps ~4 (B, n) and ~6 (B, p) arrays
     theta = np.zeros((n_columns, r + 1))
     for start in range(0, n_columns, per_batch):
         cols = slice(start, start + per_batch)
-        theta[cols] = _newton_logistic(z=z, y=y[:, cols], c=np.asarray(c, float)[cols],
-                                       w=sample_weight[:, cols], max_iter=max_iter, tol=tol)
+        theta[cols] = _newton_cg_logistic(z=z, y=y[:, cols], c=np.asarray(c, float)[cols],
+                                          w=sample_weight[:, cols], max_iter=max_iter, tol=tol)
     return theta[:, :r], theta[:, r]
 
 
-def _newton_logistic(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, w: np.ndarray,
-                     max_iter: int, tol: float) -> np.ndarray:
+#: Conjugate-gradient iterations per Newton step at most (each costs two (n x p) @ (p x B) products).
+_MAX_CG = 500
+
+
+def _newton_cg_logistic(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, w: np.ndarray,
+                        max_iter: int, tol: float) -> np.ndarray:
     n, r = z.shape
     za = np.hstack([z, np.ones((n, 1))])  # (n, p) with p = r + 1; last column = intercept
+    za2 = za * za  # (n, p): the Hessian's diagonal is curvature @ za2
     p = r + 1
     yt, wt = y.T.astype(float), w.T.astype(float)  # (B, n)
-    # Dividing the sklearn objective by C: weighted loss + (1 / 2C) ||beta||^2.
+    # Dividing the sklearn objective by C: weighted loss + (1 / 2C) ||beta||^2; a tiny ridge
+    # keeps the intercept's direction well posed when a column has a single class.
     penalty = np.outer(1.0 / c, np.r_[np.ones(r), 0.0])  # (B, p)
+    ridge = penalty + 1e-12
     theta = np.zeros((len(c), p))
     obj = _logistic_objective(theta, za, yt, wt, penalty)
     threshold = tol * wt.sum(1)
-    # Row outer products, so that every column's Hessian is one matrix product.
-    outer = (za[:, :, None] * za[:, None, :]).reshape(n, p * p)  # (n, p, p) -> (n, p*p)
-    diag = np.arange(p)
     active = np.ones(len(c), dtype=bool)
     for _ in range(max_iter):
         idx = np.flatnonzero(active)
@@ -347,16 +359,13 @@ def _newton_logistic(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, w: np.ndarr
         if not idx.size:
             break
         curvature = wt[idx] * prob * (1.0 - prob)  # (b, n)
-        hess = (curvature @ outer).reshape(-1, p, p)  # (b, p*p) -> (b, p, p)
-        # A tiny ridge keeps the Hessian invertible when a column has a single class.
-        hess[:, diag, diag] += penalty[idx] + 1e-12
-        step = np.linalg.solve(hess, grad[..., None])[..., 0]  # (b, p)
+        step = _pcg(za=za, curvature=curvature, diagonal=curvature @ za2 + ridge[idx], shift=ridge[idx],
+                    rhs=grad, threshold=threshold[idx])
         # Backtracking line search, evaluated only for the columns still searching.
         pending, t = idx, 1.0
         for _ in range(30):
             candidate = theta[pending] - t * step[np.searchsorted(idx, pending)]
-            cand_obj = _logistic_objective(candidate, za, yt[pending], wt[pending],
-                                           penalty[pending])
+            cand_obj = _logistic_objective(candidate, za, yt[pending], wt[pending], penalty[pending])
             # Relative slack: at the optimum, rounding alone must not count as an increase.
             accepted = cand_obj <= obj[pending] + 1e-13 * np.abs(obj[pending])
             theta[pending[accepted]] = candidate[accepted]
@@ -367,6 +376,38 @@ def _newton_logistic(*, z: np.ndarray, y: np.ndarray, c: np.ndarray, w: np.ndarr
         # No decrease along the Newton direction: the column sits at its optimum.
         active[pending] = False
     return theta
+
+
+def _pcg(*, za: np.ndarray, curvature: np.ndarray, diagonal: np.ndarray, shift: np.ndarray, rhs: np.ndarray,
+         threshold: np.ndarray) -> np.ndarray:
+    """Solve ``(za^T diag(curvature_b) za + diag(shift_b)) x_b = rhs_b`` for every row b (Jacobi-preconditioned CG).
+
+    A column stops when its residual is below ``min(0.1, sqrt(|rhs|)) |rhs|`` (an inexact
+    Newton step, superlinear near the optimum) or below a tenth of the gradient threshold.
+    """
+    x = np.zeros_like(rhs)  # (b, p)
+    residual = rhs.copy()
+    preconditioned = residual / diagonal
+    direction = preconditioned.copy()
+    rz = np.einsum("bp,bp->b", residual, preconditioned)
+    norm = np.linalg.norm(rhs, axis=1)
+    target = np.maximum(np.minimum(0.1, np.sqrt(norm)) * norm, 0.1 * threshold)
+    running = np.arange(len(rhs))
+    for _ in range(_MAX_CG):
+        d = direction[running]
+        hd = ((d @ za.T) * curvature[running]) @ za + shift[running] * d  # (b, n) -> (b, p)
+        alpha = rz[running] / np.einsum("bp,bp->b", d, hd)
+        x[running] += alpha[:, None] * d
+        residual[running] -= alpha[:, None] * hd
+        done = np.linalg.norm(residual[running], axis=1) <= target[running]
+        running = running[~done]
+        if not running.size:
+            break
+        preconditioned = residual[running] / diagonal[running]
+        rz_new = np.einsum("bp,bp->b", residual[running], preconditioned)
+        direction[running] = preconditioned + (rz_new / rz[running])[:, None] * direction[running]
+        rz[running] = rz_new
+    return x
 
 
 def _logistic_objective(theta: np.ndarray, za: np.ndarray, yt: np.ndarray, wt: np.ndarray,

@@ -2,7 +2,8 @@
 
 Chain (each step in its own module):
 
-1. checks: 4D, enough volumes, finite data, anatomical inputs present;
+1. checks: 4D, enough volumes, finite data, anatomical inputs present; a
+   multi-echo run's echoes combined (:mod:`bh_models.func.multiecho`);
 2. TR (:mod:`bh_models.func.tr`): config override > sidecar; header compared;
 3. head motion (:mod:`bh_models.func.motion`): rigid, to the middle volume; FD;
 4. coregistration (:mod:`bh_models.func.resample`): realigned mean -> T1w, rigid MI;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +143,7 @@ class _BoldRun:
     data: np.ndarray  # (X, Y, Z, T) float32, NaNs rejected
     n_volumes: int
     tr: RepetitionTime
+    echoes: dict | None = None  # how a multi-echo run became this series (the sidecar's MultiEcho)
 
 
 @dataclass(frozen=True)
@@ -238,9 +241,24 @@ def _check_settings(*, denoise: str, gsr: bool, high_pass: float | None, low_pas
     return strategy
 
 
-def _load_inputs(*, bold: Path, anat: dict[str, Path], min_volumes: int, tr_sidecar: float | None,
-                 tr_override: float | None) -> _BoldRun:
-    """1-2. Checks (4D, enough volumes, anatomical inputs present, finite data) and the TR."""
+def _load_inputs(*, bold: Path | Sequence[Path], anat: dict[str, Path], min_volumes: int, tr_sidecar: float | None,
+                 tr_override: float | None, echo_times: Sequence[float] | None = None) -> _BoldRun:
+    """1-2. Checks (4D, enough volumes, anatomical inputs present, finite data) and the TR; the echoes
+    of a multi-echo run (``bold`` a list) combined into one series."""
+    if isinstance(bold, (list, tuple)) and len(bold) > 1:
+        from bh_models.func.multiecho import load_combined
+
+        _require_files(**anat)
+        img, data, echoes = load_combined(paths=bold, echo_times=echo_times)
+        n_volumes = int(img.shape[3])
+        if n_volumes < min_volumes:
+            raise BHInputError(bold[0], f"BOLD run has {n_volumes} volumes, fewer than the minimum {min_volumes}",
+                               "exclude the run, or lower min_volumes in config.yaml if it is really usable")
+        tr = resolve_tr(bold=Path(bold[0]), img=img, tr_sidecar=tr_sidecar, tr_override=tr_override)
+        return _BoldRun(path=Path(bold[0]), img=img, data=data, n_volumes=n_volumes, tr=tr, echoes=echoes)
+    bold = Path(bold[0] if isinstance(bold, (list, tuple)) else bold)
+    echoes = ({"Method": "one echo of a multi-echo run (datasets.<name>.filters.echo)", "Files": [bold.name]}
+              if "_echo-" in bold.name else None)
     img = load_image(bold, ndim=4, what="BOLD run")
     n_volumes = int(img.shape[3])
     if n_volumes < min_volumes:
@@ -249,7 +267,7 @@ def _load_inputs(*, bold: Path, anat: dict[str, Path], min_volumes: int, tr_side
     tr = resolve_tr(bold=bold, img=img, tr_sidecar=tr_sidecar, tr_override=tr_override)
     _require_files(**anat)
     data = read_data(img, bold, what="BOLD run")  # (X, Y, Z, T) float32, NaNs rejected
-    return _BoldRun(path=bold, img=img, data=data, n_volumes=n_volumes, tr=tr)
+    return _BoldRun(path=bold, img=img, data=data, n_volumes=n_volumes, tr=tr, echoes=echoes)
 
 
 def _estimate_motion(run: _BoldRun) -> _Motion:
@@ -442,6 +460,7 @@ def _write_timeseries(out_timeseries: Path, denoised: _Denoised, *, run: _BoldRu
         "Cleaning": cleaning,
         "CoregistrationMutualInformation": coreg_mi,
         "AtlasVoxelsInFieldOfView": float(parcels.usable.mean()),
+        **({"MultiEcho": run.echoes} if run.echoes else {}),
         "warnings": warnings,
     }
     write_json(sidecar_path(out_timeseries), sidecar)
@@ -472,6 +491,8 @@ def _write_qc(out_carpet: Path, out_rois: Path, mni: _TemplateSeries, confounds:
     """9c. The FD/DVARS + voxel carpet + cleaned parcel carpet PNG, and the confound masks PNG."""
     stem = run.path.name.removesuffix(".nii.gz").removesuffix(".nii").removesuffix("_bold")
     table = confounds.table
+    if run.echoes:  # the run, not one of its echoes
+        stem = "_".join(part for part in stem.split("_") if not part.startswith("echo-"))
     plot_carpet(
         voxel_series=parcels.voxel_series, voxel_labels=parcels.voxel_labels, cleaned=denoised.cleaned,
         kept_frames=np.flatnonzero(~denoised.censored), fd=table["framewise_displacement"].to_numpy(),
@@ -511,21 +532,23 @@ class RunSignals:
     warnings: list[str]
 
 
-def extract_run(*, bold: Path, t1w: Path, t1w_mask: Path, t1w_to_mni: Path, mni_mask: Path,
+def extract_run(*, bold: Path | Sequence[Path], t1w: Path, t1w_mask: Path, t1w_to_mni: Path, mni_mask: Path,
                 gm_probseg: Path, wm_probseg: Path, csf_probseg: Path, tr_sidecar: float | None = None,
                 tr_override: float | None = None, resolution: float = 2.0, networks: int = 7,
                 min_volumes: int = MIN_VOLUMES, min_parcel_voxels: int = MIN_PARCEL_VOXELS,
-                save_mni_bold: bool = False, seed: int = 0, threads: int = 1) -> RunSignals:
+                save_mni_bold: bool = False, seed: int = 0, threads: int = 1,
+                echo_times: Sequence[float] | None = None) -> RunSignals:
     """Stages 1-7 of :func:`preprocess_bold` (no denoising, nothing written); parameters as there.
 
     The denoising benchmark runs this once per run and :func:`denoise_run` once per strategy.
     """
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
     probseg = {"GM": Path(gm_probseg), "WM": Path(wm_probseg), "CSF": Path(csf_probseg)}
-    run = _load_inputs(bold=Path(bold), anat={"t1w": t1w, "t1w_mask": t1w_mask, "t1w_to_mni": t1w_to_mni,
+    run = _load_inputs(bold=bold, anat={"t1w": t1w, "t1w_mask": t1w_mask, "t1w_to_mni": t1w_to_mni,
                                               "mni_mask": mni_mask, "gm_probseg": probseg["GM"],
                                               "wm_probseg": probseg["WM"], "csf_probseg": probseg["CSF"]},
-                       min_volumes=min_volumes, tr_sidecar=tr_sidecar, tr_override=tr_override)
+                       min_volumes=min_volumes, tr_sidecar=tr_sidecar, tr_override=tr_override,
+                       echo_times=echo_times)
     warnings = list(run.tr.warnings)
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bh-func-") as work:
         motion = _estimate_motion(run)
@@ -563,7 +586,7 @@ def denoise_run(signals: RunSignals, *, denoise: str = DEFAULT_STRATEGY, gsr: bo
 
 def preprocess_bold(
     *,
-    bold: Path,
+    bold: Path | Sequence[Path],
     t1w: Path,
     t1w_mask: Path,
     t1w_to_mni: Path,
@@ -579,6 +602,7 @@ def preprocess_bold(
     out_mni_bold: Path | None = None,
     tr_sidecar: float | None = None,
     tr_override: float | None = None,
+    echo_times: Sequence[float] | None = None,
     resolution: float = 2.0,
     networks: int = 7,
     min_volumes: int = MIN_VOLUMES,
@@ -600,8 +624,9 @@ def preprocess_bold(
 
     Parameters
     ----------
-    bold : Path
-        Raw 4D BOLD NIfTI (read only).
+    bold : Path or list of Path
+        Raw 4D BOLD NIfTI (read only); for a multi-echo run, its echoes, combined
+        first (T2*-weighted optimal combination, :mod:`bh_models.func.multiecho`).
     t1w : Path
         Native brain-extracted T1w (``*_desc-preproc_T1w.nii.gz``).
     t1w_mask : Path
@@ -639,6 +664,8 @@ def preprocess_bold(
         ``RepetitionTime`` from the BIDS sidecar, inheritance resolved.
     tr_override : float or None
         The dataset's configured TR; wins over the sidecar.
+    echo_times : list of float or None
+        Echo times (s) of a multi-echo run's echoes, in the order of ``bold``.
     resolution : float
         Template grid spacing (mm); must match the anatomical outputs.
     networks : int
@@ -684,7 +711,7 @@ def preprocess_bold(
                           gm_probseg=gm_probseg, wm_probseg=wm_probseg, csf_probseg=csf_probseg,
                           tr_sidecar=tr_sidecar, tr_override=tr_override, resolution=resolution, networks=networks,
                           min_volumes=min_volumes, min_parcel_voxels=min_parcel_voxels,
-                          save_mni_bold=save_mni_bold, seed=seed, threads=threads)
+                          save_mni_bold=save_mni_bold, seed=seed, threads=threads, echo_times=echo_times)
     run, motion, mni, parcels, confounds = (signals.run, signals.motion, signals.mni, signals.parcels,
                                             signals.confounds)
     denoised, notes = _clean(parcels, confounds, run=run, strategy=strategy, gsr=gsr, scrubbing=scrubbing,

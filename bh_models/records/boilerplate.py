@@ -45,8 +45,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "Functional data preprocessing",
-        ("bh_models.func.preprocess", "bh_models.func.motion", "bh_models.func.parcellate", "bh_models.func.confounds",
-         "bh_models.func.denoise"),
+        ("bh_models.func.preprocess", "bh_models.func.multiecho", "bh_models.func.motion", "bh_models.func.parcellate",
+         "bh_models.func.confounds", "bh_models.func.denoise"),
     ),
     ("Geometric embedding of the cortex", ("bh_models.geometry.eigenmodes", "bh_models.geometry.gradients")),
     ("Training data", ("bh_models.store.augment", "bh_models.store.scaling", "bh_models.store.splits", "bh_models.store.shards")),
@@ -322,6 +322,13 @@ CITATIONS: tuple[Citation, ...] = (
         "Wachinger C, Golland P, Kremen W, Fischl B, Reuter M. BrainPrint: a discriminative "
         "characterization of brain morphology. NeuroImage. 2015;109:232-248. "
         "doi:10.1016/j.neuroimage.2015.01.032",
+    ),
+    Citation(
+        "Posse",
+        "1999",
+        "Posse S, Wiese S, Gembris D, Mathiak K, Kessler C, Grosse-Ruyken ML, Elghahwagi B, Richards T, "
+        "Dager SR, Kiselev VG. Enhancement of BOLD-contrast sensitivity by single-shot multi-echo functional "
+        "MR imaging. Magn Reson Med. 1999;42(1):87-97. doi:10.1002/(SICI)1522-2594(199907)42:1<87::AID-MRM13>3.0.CO;2-O",
     ),
     Citation(
         "Winkler",

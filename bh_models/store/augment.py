@@ -29,7 +29,7 @@ import pandas as pd
 
 from bh_models.core.errors import BHConfigError, BHInputError
 from bh_models.core.jsonio import read_json, sidecar_path, write_json
-from bh_models.core.storeformat import SAMPLE_COLUMNS, parse_entities, write_samples_table
+from bh_models.core.storeformat import SAMPLE_COLUMNS, parse_entities, run_label, write_samples_table
 
 __desc__ = (
     "Each parcel time series was augmented by temporal downsampling: for every "
@@ -121,12 +121,15 @@ def _run_metadata(path: Path) -> tuple[float, int]:
 
 
 def sample_id(*, dataset: str, source_file: str, factor: int) -> str:
-    """Stable identifier of one variant: dataset, BIDS entities of the run, factor."""
+    """Stable identifier of one variant: dataset, every BIDS entity that tells the run apart, factor.
+
+    ``ses``, ``task``, ``acq``, ``ce``, ``rec``, ``dir``, ``run``, ``echo``, ``part``,
+    ``chunk`` in BIDS order (:data:`bh_models.core.storeformat.RUN_ENTITIES`), so
+    ``dir-LR``/``dir-RL`` pairs stay two samples.
+    """
     ent = parse_entities(source_file)
-    parts = [f"sub-{ent['subject']}"]
-    parts += [f"{key}-{ent[name]}" for key, name in
-              (("ses", "session"), ("task", "task"), ("acq", "acq"), ("run", "run")) if ent[name]]
-    return f"{dataset}_{'_'.join(parts)}_factor-{factor}"
+    label = run_label(source_file)
+    return f"{dataset}_sub-{ent['subject']}{'_' + label if label else ''}_factor-{factor}"
 
 
 def plan_samples(
@@ -192,7 +195,8 @@ def plan_samples(
     if samples["sample_id"].duplicated().any():
         dup = samples.loc[samples["sample_id"].duplicated(), "source_file"].iloc[0]
         raise BHInputError(dup, "two runs map to the same sample id",
-                           "give every run of a subject distinct ses-/task-/acq-/run- entities")
+                           "two files of the same run were given (every BIDS entity that tells runs apart is "
+                           "in the id); pass each run's series once")
     samples = samples.sort_values("sample_id", kind="stable").reset_index(drop=True)
     return samples, pd.DataFrame(dropped, columns=["sample_id", "source_file", "n_frames", "k"])
 

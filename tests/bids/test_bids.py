@@ -60,7 +60,7 @@ def test_bold_without_tr_is_a_named_problem(bids_factory):
     assert list(index.runs.query("suffix == 'bold'").subject) == ["01"]
     problem = index.problems.iloc[0]
     assert problem.subject == "02" and problem.path.endswith("sub-02_task-rest_bold.nii.gz")
-    assert "RepetitionTime" in problem.reason and "tr_override" in problem.reason
+    assert "RepetitionTime" in problem.reason and "tr_override" in problem.fix
 
 
 def test_forbidden_subject_label_is_excluded_with_reason(bids_factory):
@@ -69,7 +69,7 @@ def test_forbidden_subject_label_is_excluded_with_reason(bids_factory):
     (root / "sub-a_b" / "anat").mkdir(parents=True)
     index = index_dataset(root)
     assert sorted(index.subjects.subject) == ["01", "02"]
-    reasons = dict(zip(index.problems.subject, index.problems.reason))
+    reasons = dict(zip(index.problems.subject, index.problems.reason + ". " + index.problems.fix))
     assert "forbids" in reasons["0;rm -rf x"] and "rename" in reasons["a_b"]
 
 

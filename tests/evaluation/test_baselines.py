@@ -112,3 +112,33 @@ def test_chance_model_is_the_bias_only_probe():
         task_type="regression")
     for split in make_splits(y=values, task_type="regression", n_repeats=1):
         np.testing.assert_allclose(regression.scores[0, split.test, 0], values[split.train].mean())
+
+
+def test_constant_parcels_are_counted_and_reported(tmp_path, caplog):
+    """A parcel without signal in a run gives no correlation: its pairs are 0, counted and logged."""
+    import logging
+
+    import pandas as pd
+
+    from bh_models.evaluation.baselines import constant_parcels, fc_feature_table
+
+    rng = np.random.default_rng(0)
+    names = [f"p{i}" for i in range(6)]
+    paths = []
+    for subject, flat in (("01", []), ("02", [2]), ("03", [0, 5])):
+        series = rng.normal(size=(30, 6))
+        series[:, flat] = 0.0
+        path = tmp_path / f"sub-{subject}_task-rest_timeseries.tsv"
+        pd.DataFrame(series, columns=names).to_csv(path, sep="\t", index=False)
+        paths.append(path)
+    assert constant_parcels(timeseries=np.c_[np.ones(5), np.arange(5)]).tolist() == [True, False]
+    with caplog.at_level(logging.WARNING, logger="bh_models"):
+        table = fc_feature_table(timeseries=paths)
+    notes = table.notes
+    assert notes["runs"] == 3 and notes["runs_with_constant_parcels"] == 2
+    assert notes["constant_parcels"] == {"02": ["p2"], "03": ["p0", "p5"]}
+    assert notes["pairs_set_to_zero"] == 5 + (2 * 4 + 1)  # 1 of 6 parcels: 5 pairs; 2 of 6: 8 + 1
+    assert notes["fraction_of_features_set_to_zero"] == pytest.approx(14 / (3 * 15))
+    assert "set to 0" in caplog.text
+    row = table.values[list(table.subjects).index("03")]
+    assert np.count_nonzero(row == 0) == 9

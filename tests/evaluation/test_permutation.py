@@ -102,3 +102,32 @@ def test_chance_model_is_never_significant():
             labels=labels, splits=folds, task_type="classification"),
         y=y, splits=splits, task_type="classification", metric="auroc", n_permutations=50, seed=0)
     assert result.observed == 0.5 and result.p_value == 1.0
+
+
+@pytest.mark.parametrize("task_type", ["classification", "regression"])
+def test_observed_and_permuted_fits_the_first_repeat_once_and_equals_the_two_calls(task_type):
+    from bh_models.evaluation.permutation import observed_and_permuted
+
+    rng = np.random.default_rng(11)
+    n = 30
+    y = np.repeat([0, 1], n // 2) if task_type == "classification" else rng.normal(size=n)
+    features = rng.normal(size=(n, 40)) + (y[:, None] if task_type == "classification" else 0.5 * y[:, None])
+    splits = make_splits(y=y, task_type=task_type, n_folds=3, n_repeats=3, seed=2)
+    fitted = []
+
+    def score(labels, folds):
+        fitted.extend((s.repeat, s.fold) for s in folds)
+        return cross_validated_scores(features=features, row_subject=np.arange(n), labels=labels, splits=folds,
+                                      task_type=task_type)
+
+    metric = PRIMARY_METRIC[task_type]
+    observed, test = observed_and_permuted(score=score, y=y, splits=splits, task_type=task_type, metric=metric,
+                                           n_permutations=30, seed=5)
+    assert sorted(fitted) == sorted((s.repeat, s.fold) for s in splits)  # every split once
+    fitted.clear()
+    reference = score(y, splits)
+    reference_test = permutation_test(score=score, y=y, splits=splits, task_type=task_type, metric=metric,
+                                      n_permutations=30, seed=5)
+    np.testing.assert_allclose(observed.scores, reference.scores, atol=1e-9)
+    np.testing.assert_array_equal(observed.selected, reference.selected)
+    assert test.p_value == reference_test.p_value and test.observed == pytest.approx(reference_test.observed)

@@ -141,3 +141,20 @@ def test_citation_forms_are_recognised():
     text = "as in Fisch et al., 2024 and Pang et al. (2023), unlike Nobody et al. 1999"
     assert [c.author for c in cited(text=text)] == ["Fisch", "Pang"]
     assert unknown_citations(text=text) == ["Nobody et al. 1999"]
+
+
+def test_methods_name_the_atlas_actually_used():
+    """The FC baseline's sentence names the configured atlas and network order (not a fixed 'Schaefer-400')."""
+    import copy
+
+    from bh_models.core.config import load_config
+    from bh_models.records.boilerplate import build_boilerplate, render_markdown
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "config.yaml", base_dir=REPO)
+    for networks in (7, 17):
+        edited = copy.deepcopy(config)
+        edited["atlas"]["networks"] = networks
+        text = render_markdown(boilerplate=build_boilerplate(config=edited))
+        assert f"Schaefer2018 atlas (Schaefer et al. 2018; 400 parcels in the {networks}-network order" in text
+        assert "Schaefer et al. 2018" in text.split("## References")[1] or "Schaefer A" in text

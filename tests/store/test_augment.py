@@ -48,8 +48,23 @@ def test_plan_patches_pads_cuts_and_drops() -> None:
 
 def test_parse_entities() -> None:
     ent = parse_entities(f"sub-A01_ses-2_task-rest_run-3_{TS_SUFFIX}")
-    assert ent == {"subject": "A01", "session": "2", "task": "rest", "run": "3", "acq": ""}
+    assert ent == {"subject": "A01", "session": "2", "task": "rest", "run": "3", "acq": "",
+                   "ce": "", "rec": "", "dir": "", "echo": "", "part": "", "chunk": ""}
     assert parse_entities("sub-7_T1w.npy")["session"] == ""
+    assert parse_entities(f"sub-1_task-rest_dir-LR_run-2_{TS_SUFFIX}")["dir"] == "LR"
+
+
+def test_sample_ids_keep_every_entity_that_tells_runs_apart() -> None:
+    """dir-LR / dir-RL (HCP phase-encoding pairs) are two samples, named in BIDS entity order."""
+    from bh_models.store.augment import sample_id
+
+    ids = {sample_id(dataset="hcp", source_file=f"sub-1_ses-a_task-rest_acq-mb_dir-{d}_run-2_{TS_SUFFIX}", factor=1)
+           for d in ("LR", "RL")}
+    assert ids == {"hcp_sub-1_ses-a_task-rest_acq-mb_dir-LR_run-2_factor-1",
+                   "hcp_sub-1_ses-a_task-rest_acq-mb_dir-RL_run-2_factor-1"}
+    runs = [(f"sub-1_task-rest_dir-{d}_{TS_SUFFIX}", 0.735, 490) for d in ("LR", "RL")]
+    samples, _ = plan_samples(runs=runs, dataset="hcp", tr_factors=[1], seed=0)
+    assert len(samples) == 2 and samples["sample_id"].is_unique
 
 
 def test_plan_samples_variants_follow_factor_and_offset() -> None:

@@ -3,7 +3,10 @@
 The rules are read through Snakemake's API (the parsed workflow's Rule objects),
 for each configuration in :data:`VARIANTS`: the named inputs, outputs and params
 a rule passes must be keyword parameters of the function its ``params.step``
-names, and every required parameter must be passed. A dry run of each
+names, and every required parameter must be passed (``listed_<arg>`` inputs pass
+``<arg>``). A batch rule (``batch_units`` param) passes its unit step the units'
+inputs and params, the unit outputs and the shared params; its own inputs and
+outputs go to the batch runner. A dry run of each
 configuration (``snakemake -n``, as a user types it) must plan the rules that
 configuration turns on.
 """
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bh_models.core.step import DEPENDENCY_PREFIX, resolve
+from bh_models.core.batches import LISTED_PREFIX
+from bh_models.core.step import BATCH_STEP, DEPENDENCY_PREFIX, resolve
 from tests.conftest import write_bids
 from workflow_utils import REPO, make_workdir, snakemake
 
@@ -82,7 +86,11 @@ def variant_workdir(root: Path, demo_root: Path, name: str) -> Path:
 
 
 def parsed_rules(workdir: Path) -> list:
-    """The workflow's Rule objects for the config in ``workdir``, through Snakemake's API."""
+    """The workflow's Rule objects for the config in ``workdir``, through Snakemake's API.
+
+    A batch rule's params are functions of the parsed workflow's globals, which the next
+    parse in this process replaces: they are evaluated here, into ``rule.batch_info``.
+    """
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 
@@ -91,25 +99,61 @@ def parsed_rules(workdir: Path) -> list:
                                 config_settings=ConfigSettings(configfiles=[workdir / "config.yaml"]),
                                 snakefile=REPO / "workflow" / "Snakefile", workdir=workdir)
         workflow.dag(dag_settings=DAGSettings())  # parses the Snakefile
-        return list(workflow._workflow.rules)
+        rules = list(workflow._workflow.rules)
+        for rule in rules:
+            if "batch_units" in rule.params._names:
+                rule.batch_info = batch_info(rule, workflow._workflow.globals["BATCH_PLAN"])
+        return rules
+
+
+def _param(rule, name):
+    return rule.params[rule.params._names[name][0]]
 
 
 def passed_names(rule) -> tuple[set[str], bool]:
     """Keyword names a rule passes to its step, and whether an ``unpack()`` input adds more."""
-    names = {n for part in (rule.input, rule.output) for n in part._names if not n.startswith(DEPENDENCY_PREFIX)}
+    names = {n.removeprefix(LISTED_PREFIX) for part in (rule.input, rule.output) for n in part._names
+             if not n.startswith(DEPENDENCY_PREFIX)}
     names |= set(rule.params._names) - {"step"}
     unpacked = any(getattr(item, "flags", {}).get("unpack") for item in rule.input)
     return names | {"threads"}, unpacked
 
 
+def batch_info(rule, batch_plan) -> dict:
+    """What a batch rule passes its unit step (``names``) and its unit output templates (``outputs``),
+    evaluated on the first batch that has units of the rule."""
+    from snakemake.iocontainers import Wildcards
+
+    for dataset, batches in batch_plan.items():
+        for batch in batches:
+            wildcards = Wildcards(fromdict={"dataset": dataset, "batch": batch})
+            units = _param(rule, "batch_units")(wildcards)
+            if units:
+                outputs = _param(rule, "batch_outputs")(wildcards)
+                names = {n for n in outputs if not n.startswith(DEPENDENCY_PREFIX)}
+                names |= set(units[0]["inputs"]) | set(units[0]["params"])
+                shared = {n for n in rule.params._names if n != "step" and not n.startswith("batch_")}
+                return {"names": names | shared | {"threads"}, "outputs": outputs}
+    raise AssertionError(f"{rule.name}: no batch with units in the layout")
+
+
 def contract_problems(rule) -> list[str]:
-    step = rule.params[rule.params._names["step"][0]]
+    step = _param(rule, "step")
     parameters = inspect.signature(resolve(step)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return [f"{rule.name}: {step} takes **kwargs, so its contract cannot be checked"]
     names, unpacked = passed_names(rule)
-    problems = [f"{rule.name}: passes {name!r}, which {step} does not take" for name in sorted(names - set(parameters))]
-    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty}
+    problems = []
+    if "batch_units" in rule.params._names:  # the rule's own files go to the batch runner, the units' to the step
+        runner = inspect.signature(resolve(BATCH_STEP)).parameters
+        own = {n for part in (rule.input, rule.output) for n in part._names if not n.startswith(DEPENDENCY_PREFIX)}
+        problems += [f"{rule.name}: passes {name!r}, which {BATCH_STEP} does not take"
+                     for name in sorted(own - set(runner))]
+        names = rule.batch_info["names"]
+    # Parameters the runner fills itself: the job's context, and each listed file's dataset.
+    filled = {"job_context"} | {f"{n}_datasets" for n in names}
+    problems += [f"{rule.name}: passes {name!r}, which {step} does not take" for name in sorted(names - set(parameters))]
+    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty} - filled
     problems += [f"{rule.name}: {step} requires {name!r}, which the rule does not pass"
                  for name in sorted(required - names)]
     if unpacked:  # an unpack() input adds named inputs at run time: they must be optional parameters
@@ -153,14 +197,30 @@ def test_a_contract_violation_is_found(rules_by_variant):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_dry_run_matrix(name, tmp_path, layout):
+    """Each configuration plans the rules it turns on, and `bh plan` counts the same jobs per rule."""
+    from bh_models.bids.cohort import plan_cohort
+    from bh_models.cli import dataset_counts, shares_a_task
+    from bh_models.core.config import load_config
+    from bh_models.core.costs import workflow_jobs
+
     workdir = variant_workdir(tmp_path, layout, name)
     plan = snakemake(workdir, "-n", "--cores", "2").stdout
-    jobs = {line.split()[0] for line in plan.split("Job stats:")[1].split("total")[0].splitlines()[2:]
-            if line.strip()}
+    counts = {parts[0]: int(parts[1]) for line in plan.split("Job stats:")[1].split("total")[0].splitlines()[2:]
+              if len(parts := line.split()) == 2 and parts[1].isdigit()}
+    jobs = set(counts)
     _, must, must_not = VARIANTS[name]
     assert must <= jobs, must - jobs
     assert not (must_not & jobs), must_not & jobs
-    if name == "networks-7":
-        assert "seg-7n" in plan and "seg-17n_scale-400_timeseries" not in plan
-    if name == "demo":  # the paper's 17-network order by default
-        assert "seg-17n_scale-400_timeseries" in plan and "seg-7n_scale-400_timeseries" not in plan
+    config = load_config(workdir / "config.yaml", base_dir=workdir)
+    plans = plan_cohort(config)
+    assert workflow_jobs(datasets=dataset_counts(config, plans), config=config,
+                         pooled=shares_a_task(config, plans)) == counts
+
+
+def test_the_network_order_names_the_parcel_series(rules_by_variant):
+    """The series' file names (batch output templates, not Snakemake outputs) follow atlas.networks:
+    the paper's 17-network order by default."""
+    for name, order in (("demo", "17n"), ("networks-7", "7n")):
+        rule = next(r for r in rules_by_variant[name] if r.name == "func_preprocess")
+        template = rule.batch_info["outputs"]
+        assert f"seg-{order}_scale-400_timeseries.tsv" in template["out_timeseries"], template
