@@ -264,16 +264,19 @@ def workflow_jobs(*, datasets: list[DatasetCounts], config: Mapping[str, Any],
         jobs.update({"make_splits": len(pretrain), "pack_fmri": len(pretrain), "pack_t1": len(pretrain),
                      "store_scaling": 1, "pretrain_fmri": 1, "pretrain_t1": 1, "pretrain_harmonizer": 1,
                      "make_bundle": 1, "geometry_eigenmodes": 2, "geometry_project": 2, "geometry_plot": 1,
-                     "geometry_description": 1})
+                     "geometry_description": 1, "geometry_gradients": 1, "cache_latents": len(pretrain)})
     evaluated = [d for d in downstream if d.tasks]
     jobs["extract_embeddings"] = len(downstream)
     jobs["evaluate_dataset"] = len(evaluated)
-    if config.get("evaluate", {}).get("finetune", {}).get("enabled"):
-        jobs["extract_latents"] = len(evaluated)  # only the evaluation reads them
     if pooled is None:
         pooled = len(evaluated) >= 2
     jobs["evaluate_pooled"] = int(bool(config.get("evaluate", {}).get("pooled", True) and len(evaluated) >= 2
                                        and pooled))
+    if config.get("evaluate", {}).get("finetune", {}).get("enabled"):
+        # Latent stores, the probes' folds and the fine-tuning job of every evaluated dataset (and pooled).
+        for rule in ("extract_latents", "finetune_folds", "finetune"):
+            jobs[rule] = len(evaluated)
+        jobs["finetune_folds_pooled"] = jobs["finetune_pooled"] = jobs["evaluate_pooled"]
     return {rule: count for rule, count in jobs.items() if count}
 
 

@@ -319,8 +319,9 @@ def evaluate_dataset(*, fused: Path, fmri_only: Path, t1_only: Path, timeseries:
 def _pooled_inputs(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only: Sequence[Path],
                    timeseries: Sequence[Path], timeseries_datasets: Sequence[str], participants: Sequence[Path],
                    datasets: Sequence[str], tasks: Mapping[str, Mapping[str, Mapping]]
-                   ) -> tuple[list[TaskSpec], pd.DataFrame, list[FeatureTable]]:
-    """Pooled tasks, the combined participants table and the concatenated feature tables."""
+                   ) -> tuple[list[TaskSpec], pd.DataFrame, list[FeatureTable], dict[str, list]]:
+    """Pooled tasks, the combined participants table, the concatenated feature tables and each
+    model's per-dataset feature notes (constant parcels counted by the FC baseline)."""
     if len(participants) != len(datasets) or len(timeseries) != len(timeseries_datasets) \
             or not len(fused) == len(fmri_only) == len(t1_only) == len(datasets):
         raise ValueError("participants, embeddings and datasets, and timeseries/timeseries_datasets must align")
@@ -348,7 +349,8 @@ def _pooled_inputs(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only:
     combined = pd.concat(tables)
     # FC only when every dataset has time series: a model must cover the same subjects.
     feature_tables = [_concatenated(parts[m]) for m in parts if len(parts[m]) == len(datasets)]
-    return specs, combined, feature_tables
+    notes = {m: [t.notes for t in parts[m] if t.notes] for m in parts if any(t.notes for t in parts[m])}
+    return specs, combined, feature_tables, notes
 
 
 def evaluate_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only: Sequence[Path],
@@ -390,15 +392,14 @@ def evaluate_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Path], t1_only
         Out-of-fold scores of the pooled fine-tuning job (rule ``finetune_pooled``).
     Other parameters and outputs as in :func:`evaluate_dataset` (``dataset`` = ``pooled``).
     """
-    specs, combined, feature_tables = _pooled_inputs(
+    specs, combined, feature_tables, notes = _pooled_inputs(
         fused=fused, fmri_only=fmri_only, t1_only=t1_only, timeseries=timeseries,
         timeseries_datasets=timeseries_datasets, participants=participants, datasets=datasets, tasks=tasks)
     settings = {"n_folds": n_folds, "n_repeats": n_repeats, "n_permutations": n_permutations,
                 "logistic_c_grid": list(logistic_c_grid), "ridge_alpha_grid": list(ridge_alpha_grid),
                 "class_weight": class_weight, "seed": seed, "datasets": list(datasets),
                 "finetune": dict(finetune or {}),
-                "feature_notes": {m: [t.notes for t in parts[m] if t.notes] for m in parts
-                                  if any(t.notes for t in parts[m])}}
+                "feature_notes": notes}
     outcomes = _evaluate_tasks(specs=specs, participants=combined,
                                participants_path=" + ".join(map(str, participants)),
                                feature_tables=feature_tables, settings=settings,
@@ -414,7 +415,7 @@ def write_finetune_folds_pooled(*, fused: Sequence[Path], fmri_only: Sequence[Pa
                                 tasks: Mapping[str, Mapping[str, Mapping]], out_folds: Path, n_folds: int = 5,
                                 n_repeats: int = 10, seed: int = 0, threads: int = 1) -> dict:
     """Step function: :func:`write_finetune_folds` of the pooled evaluation (inputs of :func:`evaluate_pooled`)."""
-    specs, combined, feature_tables = _pooled_inputs(
+    specs, combined, feature_tables, _ = _pooled_inputs(
         fused=fused, fmri_only=fmri_only, t1_only=t1_only, timeseries=timeseries,
         timeseries_datasets=timeseries_datasets, participants=participants, datasets=datasets, tasks=tasks)
     return _write_folds(specs=specs, participants=combined, participants_path=" + ".join(map(str, participants)),
