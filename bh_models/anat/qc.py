@@ -71,6 +71,21 @@ def _save(fig, out_png: Path) -> Path:
     return out_png
 
 
+def _slice_grid(plt, *, extent_mask: np.ndarray, aspect) -> tuple:
+    """A black 3 x N_SLICES figure and, per drawable cell, (axes, plane name, axis, slice index, aspect ratio)."""
+    fig, axes = plt.subplots(3, N_SLICES, figsize=(2.0 * N_SLICES, 6.6), facecolor="black")
+    cells = []
+    for row, (name, axis) in enumerate(_AXES):
+        positions = _slice_positions(extent_mask, axis, N_SLICES)
+        other = [a for a in range(3) if a != axis]
+        ratio = aspect[other[1]] / aspect[other[0]]
+        for col in range(N_SLICES):
+            axes[row, col].set_axis_off()
+            if col < len(positions):
+                cells.append((axes[row, col], name, axis, int(positions[col]), ratio))
+    return fig, cells
+
+
 def _mosaic(*, background: np.ndarray, overlays: list[tuple[np.ndarray, float, str]], extent_mask: np.ndarray,
             window: tuple[float, float], aspect: tuple[float, float, float], title: str, out_png: Path) -> Path:
     """Three rows of slices of ``background`` with contour ``overlays`` (volume, level, colour)."""
@@ -79,24 +94,15 @@ def _mosaic(*, background: np.ndarray, overlays: list[tuple[np.ndarray, float, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, N_SLICES, figsize=(2.0 * N_SLICES, 6.6), facecolor="black")
-    for row, (name, axis) in enumerate(_AXES):
-        positions = _slice_positions(extent_mask, axis, N_SLICES)
-        other = [a for a in range(3) if a != axis]
-        ratio = aspect[other[1]] / aspect[other[0]]
-        for col in range(N_SLICES):
-            ax = axes[row, col]
-            ax.set_axis_off()
-            if col >= len(positions):
-                continue
-            index = int(positions[col])
-            ax.imshow(_take(background, axis, index), cmap="gray", vmin=window[0], vmax=window[1],
-                      origin="lower", interpolation="nearest", aspect=ratio)
-            for volume, level, colour in overlays:
-                plane = _take(volume, axis, index)
-                if plane.min() < level < plane.max():
-                    ax.contour(plane, levels=[level], colors=colour, linewidths=0.8)
-            ax.set_title(f"{name} {index}", color="white", fontsize=7)
+    fig, cells = _slice_grid(plt, extent_mask=extent_mask, aspect=aspect)
+    for ax, name, axis, index, ratio in cells:
+        ax.imshow(_take(background, axis, index), cmap="gray", vmin=window[0], vmax=window[1],
+                  origin="lower", interpolation="nearest", aspect=ratio)
+        for volume, level, colour in overlays:
+            plane = _take(volume, axis, index)
+            if plane.min() < level < plane.max():
+                ax.contour(plane, levels=[level], colors=colour, linewidths=0.8)
+        ax.set_title(f"{name} {index}", color="white", fontsize=7)
     fig.suptitle(title, color="white", fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.02, hspace=0.12)
     return _save(fig, out_png)
@@ -207,25 +213,16 @@ def plot_segmentation(*, image: nib.Nifti1Image, probseg: dict[str, np.ndarray],
     colours = {1: (0.0, 1.0, 1.0, 0.45), 2: (1.0, 0.0, 1.0, 0.55)}  # WM, CSF
     zooms = canonical.header.get_zooms()[:3]
     window = _window(data, brain)
-    fig, axes = plt.subplots(3, N_SLICES, figsize=(2.0 * N_SLICES, 6.6), facecolor="black")
-    for row, (name, axis) in enumerate(_AXES):
-        positions = _slice_positions(brain, axis, N_SLICES)
-        other = [a for a in range(3) if a != axis]
-        ratio = zooms[other[1]] / zooms[other[0]]
-        for col in range(N_SLICES):
-            ax = axes[row, col]
-            ax.set_axis_off()
-            if col >= len(positions):
-                continue
-            index = int(positions[col])
-            ax.imshow(_take(data, axis, index), cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
-                      interpolation="nearest", aspect=ratio)
-            labels, inside = _take(label, axis, index), _take(brain, axis, index)
-            overlay = np.zeros((*labels.shape, 4), dtype=np.float32)
-            for value, rgba in colours.items():
-                overlay[(labels == value) & inside] = rgba
-            ax.imshow(overlay, origin="lower", interpolation="nearest", aspect=ratio)
-            ax.set_title(f"{name} {index}", color="white", fontsize=7)
+    fig, cells = _slice_grid(plt, extent_mask=brain, aspect=zooms)
+    for ax, name, axis, index, ratio in cells:
+        ax.imshow(_take(data, axis, index), cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
+                  interpolation="nearest", aspect=ratio)
+        labels, inside = _take(label, axis, index), _take(brain, axis, index)
+        overlay = np.zeros((*labels.shape, 4), dtype=np.float32)
+        for value, rgba in colours.items():
+            overlay[(labels == value) & inside] = rgba
+        ax.imshow(overlay, origin="lower", interpolation="nearest", aspect=ratio)
+        ax.set_title(f"{name} {index}", color="white", fontsize=7)
     fig.suptitle(title, color="white", fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.02, hspace=0.12)
     return _save(fig, out_png)
