@@ -18,7 +18,8 @@ threads; on a shared machine the wall time also counts waiting for a core) and p
     once, the first repeat's fits shared by the observed labels (column 0) and the
     permutations; the Newton-CG logistic solver.
 ``old``
-    the probe of ``--old-ref`` (default: main's, ``git show <ref>:bh_models/evaluation/probe.py``),
+    the probe of ``--old-ref`` (default ``72a5fce^``, the last commit before the Newton-CG probe;
+    ``git show <ref>:bh_models/evaluation/probe.py``),
     called as the evaluation called it: every repeat with the observed labels, then
     the first repeat again with the observed and permuted labels. Its full run takes
     about 1.5 hours at this size, so by default it is timed on the first outer split
@@ -50,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 THREADS = 2
 N_FOLDS, N_REPEATS, N_PERMUTATIONS = 5, 10, 200
+OLD_REF = "72a5fce^"  # the probe before "Evaluation at cohort size (issue 20.5)"
 
 
 def classification_data(seed: int = 0):
@@ -169,7 +171,7 @@ def run(kind: str, version: str, old_ref: str, full: bool, old_columns: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old-ref", default="main", help="git ref of the old probe (default main)")
+    parser.add_argument("--old-ref", default=OLD_REF, help=f"git ref of the old probe (default {OLD_REF})")
     parser.add_argument("--old-full", action="store_true", help="run the old probe's whole protocol (~1.5 h)")
     parser.add_argument("--skip-regression", action="store_true")
     parser.add_argument("--old-columns", type=int, default=200,

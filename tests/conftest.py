@@ -50,6 +50,29 @@ def bids_factory(tmp_path):
     return make
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _thread_caps_do_not_leak():
+    """A step run in-process caps threads for its job (core.step.limit_threads); undo that
+    after each test so later tests, and the daemons and workflows they start, see all cores."""
+    import os
+
+    import torch
+
+    saved = {var: os.environ.get(var) for var in _THREAD_VARS}
+    threads = torch.get_num_threads()
+    yield
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention."""

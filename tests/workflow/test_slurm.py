@@ -40,8 +40,10 @@ def slurm_cluster() -> None:
         pytest.skip("starting slurmctld/slurmd needs root (CI runs .ci/run as root)")
     if shutil.which("sinfo") is None:
         pytest.fail("slurm-wlm is not installed: run .ci/install as root")
+    # The daemons must not inherit a thread cap that an in-process step set (see limit_threads).
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     done = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start_cluster.sh")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -72,7 +74,9 @@ def _cancel_when_checkpointed(workdir: Path, rule: str, run: subprocess.Popen, t
                 subprocess.run(["scancel", jobs[0]], check=True)
                 return jobs[0]
         time.sleep(0.2)
-    raise AssertionError(f"{rule} never wrote {resume}")
+    queue = subprocess.run(["squeue", "-o", "%i %k %T %r %C %m"], capture_output=True, text=True).stdout
+    node = subprocess.run(["sinfo", "-N", "-o", "%N %c %m %t"], capture_output=True, text=True).stdout
+    raise AssertionError(f"{rule} never wrote {resume} in {timeout:.0f} s\nsqueue:\n{queue}\nsinfo:\n{node}")
 
 
 def test_slurm_run_survives_a_cancelled_pretraining_job(slurm_cluster, reference_run, tmp_path):
