@@ -21,9 +21,10 @@ threads; on a shared machine the wall time also counts waiting for a core) and p
     the probe of ``--old-ref`` (default ``72a5fce^``, the last commit before the Newton-CG probe;
     ``git show <ref>:bh_models/evaluation/probe.py``),
     called as the evaluation called it: every repeat with the observed labels, then
-    the first repeat again with the observed and permuted labels. Its full run takes
-    about 1.5 hours at this size, so by default it is timed on the first outer split
-    of each call and extrapolated (x the number of splits); ``--old-full`` runs it all.
+    the first repeat again with the observed and permuted labels. Its full classification
+    run takes hours at this size, so by default it is timed on the first outer split
+    of each call and extrapolated (x the number of splits); ``--old-full`` runs the whole
+    protocol of every task, ``--old-full regression`` of that task only.
     Its peak memory is measured (the first split holds the largest arrays). Its
     permutation split is the slowest part (the solver builds an n x (r+1)^2 array and a
     (columns x (r+1)^2) Hessian batch); ``--old-columns K`` times it on K permutation
@@ -31,7 +32,7 @@ threads; on a shared machine the wall time also counts waiting for a core) and p
 
 The new and old held-out scores of the splits both ran are compared.
 
-    python benchmarks/bench_probe.py [--old-full] [--old-columns K] [--skip-regression] [--only KIND:VERSION ...]
+    python benchmarks/bench_probe.py [--old-full [KIND ...]] [--old-columns K] [--skip-regression] [--only KIND:VERSION ...]
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def _job(queue, kind: str, version: str, old_ref: str, full: bool, old_columns: 
             if full:
                 elapsed = time.perf_counter() - started
                 cpu = time.process_time() - cpu_started
+                note = f"the whole protocol, run ({len(splits)} observed and {len(first)} permutation splits)"
             else:
                 elapsed = t_obs * len(splits) + t_perm * len(first)
                 cpu = c_obs * len(splits) + c_perm * len(first)
@@ -172,7 +174,9 @@ def run(kind: str, version: str, old_ref: str, full: bool, old_columns: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old-ref", default=OLD_REF, help=f"git ref of the old probe (default {OLD_REF})")
-    parser.add_argument("--old-full", action="store_true", help="run the old probe's whole protocol (~1.5 h)")
+    parser.add_argument("--old-full", nargs="*", default=None, metavar="KIND",
+                        help="run the old probe's whole protocol, of these tasks (none named: all); "
+                             "classification takes hours")
     parser.add_argument("--skip-regression", action="store_true")
     parser.add_argument("--old-columns", type=int, default=200,
                         help="permutation columns of the old probe's timed permutation split (default all 200; "
@@ -192,7 +196,8 @@ def main() -> None:
         for version in ("new", "old"):
             if args.only is not None and f"{kind}:{version}" not in args.only:
                 continue
-            elapsed, cpu, peak, note, compare = run(kind, version, args.old_ref, args.old_full, args.old_columns)
+            full = args.old_full is not None and (not args.old_full or kind in args.old_full)
+            elapsed, cpu, peak, note, compare = run(kind, version, args.old_ref, full, args.old_columns)
             results[version] = (elapsed, peak, compare, cpu)
             print(f"{label + ', ' + version:<48}{elapsed / 60:9.2f}{cpu / 60:9.2f}{peak / 1024:9.2f}  {note}",
                   flush=True)
