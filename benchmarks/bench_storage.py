@@ -56,6 +56,8 @@ def derivative_class(name: str) -> str:
         return "sidecars"
     if name.endswith("_desc-encoder_T1w.npy"):
         return "tensor"
+    if name.endswith(("_probseg.nii.gz", "_dseg.nii.gz")):
+        return "tissue_maps"  # the GM/WM/CSF posteriors (float32, read by func_preprocess) and labels
     if "_space-" in name and name.endswith(".nii.gz"):
         return "mni_anat"
     if name.endswith(".nii.gz"):
