@@ -125,6 +125,10 @@ def anat_paths(out: Path, prefix: str, res: int) -> dict[str, Path]:
         "out_tensor": anat / f"{prefix}_space-{space}_res-{res}_desc-encoder_T1w.npy",
         "out_qc_mask": fig / f"{prefix}_desc-brainmask_T1w.png",
         "out_qc_registration": fig / f"{prefix}_space-{space}_desc-registration_T1w.png",
+        **{f"out_{name.lower()}_probseg": anat / f"{prefix}_space-{space}_res-{res}_label-{name}_probseg.nii.gz"
+           for name in ("GM", "WM", "CSF")},
+        "out_dseg": anat / f"{prefix}_space-{space}_res-{res}_dseg.nii.gz",
+        "out_qc_segmentation": fig / f"{prefix}_space-{space}_desc-segmentation_T1w.png",
     }
 
 
@@ -197,8 +201,10 @@ def bench_func(table: Table, demo: Path, work: Path, config: dict, anat: dict[st
 
     print("func_preprocess", flush=True)
     res = config["template"]["resolution"]
-    cleaning = {k: config["func"][k] for k in ("detrend", "high_pass", "low_pass", "motion_regressors",
-                                                "fd_threshold", "standardize")}
+    # The rule's settings (rules/func.smk): cleaning, the denoising strategy and its censoring.
+    cleaning = {**{k: config["func"][k] for k in ("detrend", "high_pass", "low_pass", "denoise", "gsr",
+                                                  "standardize")},
+                **config["func"]["scrubbing"], "networks": config["atlas"]["networks"]}
     points = []
     for site, subject in (("siteA", "02"), ("siteC", "03")):
         paths = anat[f"{site}/{subject}/{'x'.join(map(str, config['anat']['tensor_grid']))}"]
@@ -209,8 +215,10 @@ def bench_func(table: Table, demo: Path, work: Path, config: dict, anat: dict[st
         out = work / "func" / f"{site}_{subject}"
         kwargs = {"bold": bold, "t1w": paths["out_t1w"], "t1w_mask": paths["out_mask"],
                   "t1w_to_mni": paths["out_forward"], "mni_mask": paths["out_mni_mask"],
+                  "mni_t1w": paths["out_mni_t1w"], "gm_probseg": paths["out_gm_probseg"],
+                  "wm_probseg": paths["out_wm_probseg"], "csf_probseg": paths["out_csf_probseg"],
                   "out_timeseries": out / "ts_timeseries.tsv", "out_confounds": out / "desc-confounds_timeseries.tsv",
-                  "out_carpet": out / "carpet.png", "tr_sidecar": tr, "resolution": res, "seed": config["seed"],
+                  "out_carpet": out / "carpet.png", "out_rois": out / "rois.png", "tr_sidecar": tr, "resolution": res, "seed": config["seed"],
                   **cleaning}
         wall, peak = measure("bh_models.func.preprocess:preprocess_bold", kwargs)
         shape = nib.load(bold).shape
@@ -230,8 +238,11 @@ def bench_func(table: Table, demo: Path, work: Path, config: dict, anat: dict[st
             info = pool.apply(_synthesise, (str(synth),))
         kwargs = {"bold": synth / "sub-01_task-rest_bold.nii.gz", "t1w": synth / "t1w.nii.gz",
                   "t1w_mask": synth / "t1w_mask.nii.gz", "t1w_to_mni": synth / "t1w_to_mni.h5",
-                  "mni_mask": synth / "mni_mask.nii.gz", "out_timeseries": synth / "out" / "ts_timeseries.tsv",
+                  "mni_mask": synth / "mni_mask.nii.gz", "mni_t1w": synth / "mni_t1w.nii.gz",
+                  **{f"{name}_probseg": synth / f"{name}_probseg.nii.gz" for name in ("gm", "wm", "csf")},
+                  "out_timeseries": synth / "out" / "ts_timeseries.tsv",
                   "out_confounds": synth / "out" / "confounds.tsv", "out_carpet": synth / "out" / "carpet.png",
+                  "out_rois": synth / "out" / "rois.png",
                   "tr_sidecar": 0.735, "resolution": res, "seed": config["seed"], **cleaning}
         wall, peak = measure("bh_models.func.preprocess:preprocess_bold", kwargs)
         shape = info["bold_shape"]
