@@ -112,26 +112,6 @@ def storage_classes(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def anat_paths(out: Path, prefix: str, res: int) -> dict[str, Path]:
-    space = "MNI152NLin2009cAsym"
-    anat, fig = out / "anat", out / "figures"
-    return {
-        "out_t1w": anat / f"{prefix}_desc-preproc_T1w.nii.gz",
-        "out_mask": anat / f"{prefix}_desc-brain_mask.nii.gz",
-        "out_mni_t1w": anat / f"{prefix}_space-{space}_res-{res}_desc-preproc_T1w.nii.gz",
-        "out_mni_mask": anat / f"{prefix}_space-{space}_res-{res}_desc-brain_mask.nii.gz",
-        "out_forward": anat / f"{prefix}_from-T1w_to-{space}_mode-image_xfm.h5",
-        "out_inverse": anat / f"{prefix}_from-{space}_to-T1w_mode-image_xfm.h5",
-        "out_tensor": anat / f"{prefix}_space-{space}_res-{res}_desc-encoder_T1w.npy",
-        "out_qc_mask": fig / f"{prefix}_desc-brainmask_T1w.png",
-        "out_qc_registration": fig / f"{prefix}_space-{space}_desc-registration_T1w.png",
-        **{f"out_{name.lower()}_probseg": anat / f"{prefix}_space-{space}_res-{res}_label-{name}_probseg.nii.gz"
-           for name in ("GM", "WM", "CSF")},
-        "out_dseg": anat / f"{prefix}_space-{space}_res-{res}_dseg.nii.gz",
-        "out_qc_segmentation": fig / f"{prefix}_space-{space}_desc-segmentation_T1w.png",
-    }
-
-
 def setting_text(config: dict, **extra) -> str:
     from bh_models.core.costs import config_setting
 
@@ -140,6 +120,8 @@ def setting_text(config: dict, **extra) -> str:
 
 
 def bench_anat(table: Table, demo: Path, work: Path, config: dict) -> dict[str, dict[str, Path]]:
+    from bench_storage import anat_paths
+
     print("anat_preprocess", flush=True)
     res = config["template"]["resolution"]
     done = {}
@@ -198,13 +180,11 @@ def bench_func(table: Table, demo: Path, work: Path, config: dict, anat: dict[st
     import json
 
     import nibabel as nib
+    from bench_storage import func_inputs, func_settings
 
     print("func_preprocess", flush=True)
     res = config["template"]["resolution"]
-    # The rule's settings (rules/func.smk): cleaning, the denoising strategy and its censoring.
-    cleaning = {**{k: config["func"][k] for k in ("detrend", "high_pass", "low_pass", "denoise", "gsr",
-                                                  "standardize")},
-                **config["func"]["scrubbing"], "networks": config["atlas"]["networks"]}
+    cleaning = func_settings(config)
     points = []
     for site, subject in (("siteA", "02"), ("siteC", "03")):
         paths = anat[f"{site}/{subject}/{'x'.join(map(str, config['anat']['tensor_grid']))}"]
@@ -213,10 +193,7 @@ def bench_func(table: Table, demo: Path, work: Path, config: dict, anat: dict[st
             if bold.with_name(bold.name.replace(".nii.gz", ".json")).is_file() else None
         tr = tr or json.loads((demo / site / "task-rest_bold.json").read_text())["RepetitionTime"]
         out = work / "func" / f"{site}_{subject}"
-        kwargs = {"bold": bold, "t1w": paths["out_t1w"], "t1w_mask": paths["out_mask"],
-                  "t1w_to_mni": paths["out_forward"], "mni_mask": paths["out_mni_mask"],
-                  "mni_t1w": paths["out_mni_t1w"], "gm_probseg": paths["out_gm_probseg"],
-                  "wm_probseg": paths["out_wm_probseg"], "csf_probseg": paths["out_csf_probseg"],
+        kwargs = {"bold": bold, **func_inputs(paths),
                   "out_timeseries": out / "ts_timeseries.tsv", "out_confounds": out / "desc-confounds_timeseries.tsv",
                   "out_carpet": out / "carpet.png", "out_rois": out / "rois.png", "tr_sidecar": tr, "resolution": res, "seed": config["seed"],
                   **cleaning}
@@ -435,6 +412,8 @@ PARTS = ("anat", "func", "cohort", "pretraining")
 
 def _anat_done(work: Path, config: dict) -> dict[str, dict[str, Path]]:
     """The anatomical outputs of an earlier run in the same --workdir (the functional part reads them)."""
+    from bench_storage import anat_paths
+
     res = config["template"]["resolution"]
     grid = "x".join(map(str, config["anat"]["tensor_grid"]))
     done = {}

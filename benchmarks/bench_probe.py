@@ -193,10 +193,10 @@ def main() -> None:
     for kind in kinds:
         label = "871 x 6,105 classification" if kind == "classification" else "20,000 x 768 regression"
         results = {}
+        full = args.old_full is not None and (not args.old_full or kind in args.old_full)
         for version in ("new", "old"):
             if args.only is not None and f"{kind}:{version}" not in args.only:
                 continue
-            full = args.old_full is not None and (not args.old_full or kind in args.old_full)
             elapsed, cpu, peak, note, compare = run(kind, version, args.old_ref, full, args.old_columns)
             results[version] = (elapsed, peak, compare, cpu)
             print(f"{label + ', ' + version:<48}{elapsed / 60:9.2f}{cpu / 60:9.2f}{peak / 1024:9.2f}  {note}",

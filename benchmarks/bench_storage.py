@@ -78,25 +78,56 @@ def storage(folder: Path) -> dict[str, int]:
     return sizes
 
 
+SPACE = "MNI152NLin2009cAsym"
+# preprocess_bold's anatomical inputs: its parameter -> the preprocess_anat output it reads
+# (rules/common.smk's FUNC_NEEDS).
+FUNC_NEEDS = {"t1w": "out_t1w", "t1w_mask": "out_mask", "t1w_to_mni": "out_forward", "mni_mask": "out_mni_mask",
+              "mni_t1w": "out_mni_t1w", "gm_probseg": "out_gm_probseg", "wm_probseg": "out_wm_probseg",
+              "csf_probseg": "out_csf_probseg"}
+
+
+def anat_paths(out: Path, prefix: str, res: int) -> dict[str, Path]:
+    """preprocess_anat's ``out_*`` arguments under ``out``, named as the workflow names them
+    (rules/common.smk's anat_outputs)."""
+    anat, fig = out / "anat", out / "figures"
+    return {
+        "out_t1w": anat / f"{prefix}_desc-preproc_T1w.nii.gz",
+        "out_mask": anat / f"{prefix}_desc-brain_mask.nii.gz",
+        "out_mni_t1w": anat / f"{prefix}_space-{SPACE}_res-{res}_desc-preproc_T1w.nii.gz",
+        "out_mni_mask": anat / f"{prefix}_space-{SPACE}_res-{res}_desc-brain_mask.nii.gz",
+        "out_forward": anat / f"{prefix}_from-T1w_to-{SPACE}_mode-image_xfm.h5",
+        "out_inverse": anat / f"{prefix}_from-{SPACE}_to-T1w_mode-image_xfm.h5",
+        "out_tensor": anat / f"{prefix}_space-{SPACE}_res-{res}_desc-encoder_T1w.npy",
+        **{f"out_{name.lower()}_probseg": anat / f"{prefix}_space-{SPACE}_res-{res}_label-{name}_probseg.nii.gz"
+           for name in ("GM", "WM", "CSF")},
+        "out_dseg": anat / f"{prefix}_space-{SPACE}_res-{res}_dseg.nii.gz",
+        "out_qc_mask": fig / f"{prefix}_desc-brainmask_T1w.png",
+        "out_qc_registration": fig / f"{prefix}_space-{SPACE}_desc-registration_T1w.png",
+        "out_qc_segmentation": fig / f"{prefix}_space-{SPACE}_desc-segmentation_T1w.png",
+    }
+
+
+def func_inputs(anat: dict[str, Path]) -> dict[str, Path]:
+    """preprocess_bold's anatomical arguments from its subject's :func:`anat_paths`."""
+    return {param: anat[output] for param, output in FUNC_NEEDS.items()}
+
+
+def func_settings(config: dict) -> dict:
+    """preprocess_bold's settings as rules/func.smk passes them: cleaning, the denoising
+    strategy and its censoring, the network order."""
+    func = config["func"]
+    return {**{k: func[k] for k in ("detrend", "high_pass", "low_pass", "denoise", "gsr", "standardize")},
+            **func["scrubbing"], "networks": config["atlas"]["networks"]}
+
+
 def run_subject(raw: Path, subject: str, out: Path, compact: bool, config: dict) -> dict[str, Path]:
     from bh_models.anat.preprocess import preprocess_anat
     from bh_models.func.preprocess import preprocess_bold
 
-    anat, func, fig = out / "anat", out / "func", out / "figures"
+    func, fig = out / "func", out / "figures"
     prefix = f"sub-{subject}"
-    space = "MNI152NLin2009cAsym"
     res = config["template"]["resolution"]
-    paths = {
-        "out_t1w": anat / f"{prefix}_desc-preproc_T1w.nii.gz",
-        "out_mask": anat / f"{prefix}_desc-brain_mask.nii.gz",
-        "out_mni_t1w": anat / f"{prefix}_space-{space}_res-{res}_desc-preproc_T1w.nii.gz",
-        "out_mni_mask": anat / f"{prefix}_space-{space}_res-{res}_desc-brain_mask.nii.gz",
-        "out_forward": anat / f"{prefix}_from-T1w_to-{space}_mode-image_xfm.h5",
-        "out_inverse": anat / f"{prefix}_from-{space}_to-T1w_mode-image_xfm.h5",
-        "out_tensor": anat / f"{prefix}_space-{space}_res-{res}_desc-encoder_T1w.npy",
-        "out_qc_mask": fig / f"{prefix}_desc-brainmask_T1w.png",
-        "out_qc_registration": fig / f"{prefix}_space-{space}_desc-registration_T1w.png",
-    }
+    paths = anat_paths(out, prefix, res)
     started = time.perf_counter()
     preprocess_anat(t1w=raw / prefix / "anat" / f"{prefix}_T1w.nii.gz", **paths,
                     skullstrip_method=config["anat"]["skullstrip"],
@@ -105,16 +136,14 @@ def run_subject(raw: Path, subject: str, out: Path, compact: bool, config: dict)
                     tensor_grid=config["anat"]["tensor_grid"], seed=config["seed"], compact_storage=compact)
     bold = sorted((raw / prefix / "func").glob("*_bold.nii.gz"))[0]
     stem = bold.name.removesuffix("_bold.nii.gz")
-    series = func / f"{stem}_space-{space}_atlas-Schaefer2018_seg-7n_scale-400_timeseries.tsv"
+    networks = config["atlas"]["networks"]
+    series = func / f"{stem}_space-{SPACE}_atlas-Schaefer2018_seg-{networks}n_scale-400_timeseries.tsv"
     tr = json.loads((raw / "task-rest_bold.json").read_text())["RepetitionTime"] \
         if (raw / "task-rest_bold.json").is_file() else None
-    preprocess_bold(bold=bold, t1w=paths["out_t1w"], t1w_mask=paths["out_mask"], t1w_to_mni=paths["out_forward"],
-                    mni_mask=paths["out_mni_mask"], out_timeseries=series,
+    preprocess_bold(bold=bold, **func_inputs(paths), out_timeseries=series,
                     out_confounds=func / f"{stem}_desc-confounds_timeseries.tsv",
-                    out_carpet=fig / f"{stem}_desc-carpet_bold.png", tr_sidecar=tr, resolution=res,
-                    seed=config["seed"], **{k: config["func"][k] for k in
-                                            ("detrend", "high_pass", "low_pass", "motion_regressors",
-                                             "fd_threshold", "standardize")})
+                    out_carpet=fig / f"{stem}_desc-carpet_bold.png", out_rois=fig / f"{stem}_desc-rois_bold.png",
+                    tr_sidecar=tr, resolution=res, seed=config["seed"], **func_settings(config))
     print(f"  {'compact' if compact else 'exact'} storage: {time.perf_counter() - started:.0f} s",
           flush=True)
     return {**paths, "series": series}

@@ -50,10 +50,6 @@ def bids_factory(tmp_path):
     return make
 
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMEXPR_NUM_THREADS")
-
-
 @pytest.fixture(autouse=True)
 def _thread_caps_do_not_leak():
     """A step run in-process caps threads for its job (core.step.limit_threads); undo that
@@ -62,7 +58,9 @@ def _thread_caps_do_not_leak():
 
     import torch
 
-    saved = {var: os.environ.get(var) for var in _THREAD_VARS}
+    from bh_models.core.step import THREAD_VARIABLES
+
+    saved = {var: os.environ.get(var) for var in THREAD_VARIABLES}
     threads = torch.get_num_threads()
     yield
     for var, value in saved.items():

@@ -50,11 +50,15 @@ def resolve(spec: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
+# The environment variables that cap numerical libraries' threads (set by limit_threads).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMEXPR_NUM_THREADS")
+
+
 def limit_threads(threads: int) -> None:
     """Keep numerical libraries to the cores the scheduler gave this job."""
     value = str(max(1, int(threads)))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMEXPR_NUM_THREADS"):
+    for var in THREAD_VARIABLES:
         os.environ[var] = value
     try:
         import torch

@@ -5,20 +5,21 @@
 # no task plugin, no cgroup.conf, cons_tres selection, no accounting database.
 set -euo pipefail
 
+# Not `nproc`: it obeys OMP_NUM_THREADS, which a test process may have set to 1, and a
+# 1-CPU node never starts the 2-CPU jobs the tests submit.
+cpus=$(getconf _NPROCESSORS_ONLN)
+
 if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
-  if [ "$(sinfo -h -o %c | head -1)" -ge 2 ]; then
+  if [ "$(sinfo -h -o %c | head -1)" = "$cpus" ]; then
     echo "slurm: already running"; exit 0
   fi
-  echo "slurm: the running node has fewer than 2 CPUs: restarting it" >&2
+  echo "slurm: the running node does not have this machine's $cpus CPUs: restarting it" >&2
   scontrol shutdown >/dev/null 2>&1 || true
   pkill -x slurmd || true
   sleep 2
 fi
 
 host=$(hostname -s)
-# Not `nproc`: it obeys OMP_NUM_THREADS, which a test process may have set to 1, and a
-# 1-CPU node never starts the 2-CPU jobs the tests submit.
-cpus=$(getconf _NPROCESSORS_ONLN)
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 conf_dir=/etc/slurm
 mkdir -p "$conf_dir" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge

@@ -40,10 +40,8 @@ def slurm_cluster() -> None:
         pytest.skip("starting slurmctld/slurmd needs root (CI runs .ci/run as root)")
     if shutil.which("sinfo") is None:
         pytest.fail("slurm-wlm is not installed: run .ci/install as root")
-    # The daemons must not inherit a thread cap that an in-process step set (see limit_threads).
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     done = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start_cluster.sh")],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
