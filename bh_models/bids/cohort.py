@@ -113,9 +113,15 @@ def _anat_units(runs: pd.DataFrame, notes: list[dict]) -> dict[str, dict]:
     """One unit per (subject, session) with a T1w: the lowest run number by value wins."""
     units: dict[str, dict] = {}
     t1w = runs[runs["suffix"] == "T1w"]
-    for (subject, session), group in t1w.groupby([t1w["subject"], t1w["session"].fillna("")], sort=True):
-        candidates = sorted(zip(group["path"], group["run"], group["acquisition"]),
-                            key=lambda item: (_number_key(item[1]), str(item[2] or ""), Path(item[0]).name))
+    # Plain grouping, not DataFrame.groupby: a cohort has one group per subject, and pandas'
+    # per-group overhead was half of planning time at 70,933 subjects.
+    groups: dict[tuple[str, str], list] = {}
+    for row in t1w.itertuples(index=False):
+        session = "" if pd.isna(row.session) else row.session
+        groups.setdefault((row.subject, session), []).append((row.path, row.run, row.acquisition))
+    for (subject, session), candidates in sorted(groups.items()):
+        if len(candidates) > 1:
+            candidates.sort(key=lambda item: (_number_key(item[1]), str(item[2] or ""), Path(item[0]).name))
         chosen = candidates[0][0]
         key = f"sub-{subject}" + (f"_ses-{session}" if session else "")
         units[key] = {"key": key, "subject": subject, "session": session, "run": "",
